@@ -1,0 +1,239 @@
+"""The one interface every backbone wrapper offers.
+
+A wrapper turns samples ``(prompt, image, target)`` into LLM input embeddings with padding (a
+``VLBatch``), runs the LLM layer by layer so an editor can act on the output of any decoder layer,
+and can run the LLM from layer ``i`` onwards given that layer's output (training editors does not
+recompute the frozen bottom half).
+
+Family wrappers (``blip2.py``, ``llava.py``, ``minigpt4.py``) only say how a prompt is templated,
+how images become embeddings, and which decoder stack (``stacks.py``) the LLM is.
+"""
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Sequence
+
+import torch
+
+from backbones.stacks import DecoderStack
+from vl_datasets.records import Sample, open_image
+
+IGNORE = -100
+
+# An edit at a decoder layer: f(hidden [B, L, D], batch) -> new hidden. Passed explicitly per call.
+LayerEdit = Callable[[torch.Tensor, "VLBatch"], torch.Tensor]
+
+
+@dataclass
+class VLBatch:
+    """A right-padded batch. Ranges are ``[start, end)`` token positions per sample."""
+
+    input_ids: torch.Tensor       # [B, L] with the image placeholder id at vision positions
+    inputs_embeds: torch.Tensor   # [B, L, D] text embeddings with image features inserted
+    attention_mask: torch.Tensor  # [B, L] 1 on real tokens
+    labels: torch.Tensor          # [B, L] the token id on target positions, IGNORE elsewhere
+    vision_range: torch.Tensor    # [B, 2]; (0, 0) for a text-only sample
+    prompt_range: torch.Tensor    # [B, 2] prompt tokens after the vision tokens
+    target_range: torch.Tensor    # [B, 2]; empty when encoded without targets
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+    @property
+    def has_image(self) -> torch.Tensor:
+        return self.vision_range[:, 1] > self.vision_range[:, 0]
+
+    def to(self, device) -> "VLBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class VLBackbone:
+    """Base wrapper. Subclasses set ``family`` and implement the three family hooks below."""
+
+    family = "base"
+    image_token = "<image>"
+
+    def __init__(self, name: str, model, processor, stack: DecoderStack, n_vision_tokens: int):
+        self.name = name
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.stack = stack
+        self.n_vision_tokens = n_vision_tokens
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ---- family hooks -------------------------------------------------------------------------
+    def prompt_text(self, prompt: str, has_image: bool) -> str:
+        """The templated prompt; contains ``n_vision_tokens`` image tokens where the image sits."""
+        raise NotImplementedError
+
+    def prefix_ids(self, has_image: bool) -> list[int]:
+        """Token ids placed before the tokenized prompt (BLIP-2 puts its image tokens before BOS)."""
+        return []
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, n_vision_tokens, D] embeddings in the LLM's input space."""
+        raise NotImplementedError
+
+    # ---- facts --------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.stack.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.stack.hidden_size
+
+    @property
+    def layer_path_template(self) -> str:
+        """Module path of decoder layer i inside ``self.model``, e.g. 'language_model.model.layers.{}'."""
+        return self.stack.layer_path_template
+
+    def layer(self, i: int) -> torch.nn.Module:
+        return self.stack.layers[i]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def pixel_values(self, images) -> torch.Tensor:
+        pv = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return pv.to(self.device, self.dtype)
+
+    def tokenize(self, prompt: str, has_image: bool, target: str | None):
+        """Token ids of the sample and the number of them that are context (the rest is target).
+
+        The target gets a leading space when the prompt does not end in whitespace. Prompt and
+        target are tokenized jointly and split at their common prefix, so the target tokens are
+        exactly those the model produces after the prompt (a trailing space of the prompt is
+        carried by the first target token, as in generation)."""
+        text = self.prompt_text(prompt, has_image)
+        prefix = self.prefix_ids(has_image)
+        context = self.tokenizer(text.rstrip(), add_special_tokens=True)["input_ids"]
+        if target is None:
+            return prefix + context, len(prefix) + len(context)
+        sep = "" if text[-1:].isspace() else " "
+        full = self.tokenizer(text + sep + target, add_special_tokens=True)["input_ids"]
+        n = common_prefix_len(context, full)
+        if n == len(full):
+            raise ValueError(f"target {target!r} adds no token after prompt {prompt!r}")
+        return prefix + full, len(prefix) + n
+
+    def encode(self, samples: Sequence[Sample], with_targets: bool = True) -> VLBatch:
+        """Encode samples into one right-padded batch (images opened here, lazily)."""
+        rows, ctx_lens = [], []
+        for s in samples:
+            ids, n_ctx = self.tokenize(s.prompt, s.image is not None, s.target if with_targets else None)
+            rows.append(ids)
+            ctx_lens.append(n_ctx)
+        B, L = len(rows), max(len(r) for r in rows)
+        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(B, L, dtype=torch.long)
+        for b, ids in enumerate(rows):
+            input_ids[b, :len(ids)] = torch.tensor(ids)
+            attention_mask[b, :len(ids)] = 1
+        is_vision = (input_ids == self.image_token_id) & attention_mask.bool()
+        vision_range = torch.zeros(B, 2, dtype=torch.long)
+        for b, s in enumerate(samples):
+            pos = is_vision[b].nonzero().flatten()
+            if s.image is None:
+                if len(pos):
+                    raise ValueError(f"text-only prompt {s.prompt!r} contains image tokens")
+                continue
+            if len(pos) != self.n_vision_tokens or pos[-1] - pos[0] + 1 != len(pos):
+                raise ValueError(f"{self.name}: expected {self.n_vision_tokens} contiguous image tokens, "
+                                 f"found {len(pos)} for prompt {s.prompt!r}")
+            vision_range[b] = torch.stack([pos[0], pos[-1] + 1])
+        lengths = attention_mask.sum(1)
+        ctx = torch.tensor(ctx_lens)
+        prompt_start = torch.where(vision_range[:, 1] > 0, vision_range[:, 1], torch.zeros_like(ctx))
+        prompt_range = torch.stack([prompt_start, ctx], 1)
+        target_range = torch.stack([ctx, lengths], 1)
+        pos = torch.arange(L)
+        in_target = (pos >= ctx[:, None]) & (pos < lengths[:, None])
+        labels = torch.where(in_target, input_ids, torch.full_like(input_ids, IGNORE))
+
+        input_ids = input_ids.to(self.device)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        with_image = [s.image for s in samples if s.image is not None]
+        if with_image:
+            feats = self.image_features(self.pixel_values([open_image(p) for p in with_image]))
+            mask = is_vision.to(embeds.device)[..., None].expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+        return VLBatch(input_ids, embeds, attention_mask.to(self.device), labels.to(self.device),
+                       vision_range.to(self.device), prompt_range.to(self.device),
+                       target_range.to(self.device))
+
+    # ---- running the LLM ----------------------------------------------------------------------
+    def _run(self, batch: VLBatch, start: int, stop: int, hidden=None, layer_edits=None):
+        """Run decoder layers ``start..stop-1`` from ``hidden`` (the output of layer ``start-1``, or
+        the input embeddings when ``start`` is 0), applying ``layer_edits[i]`` to layer i's output."""
+        h0, kwargs = self.stack.prepare(batch.inputs_embeds, batch.attention_mask)
+        h = h0 if hidden is None else hidden
+        for i in range(start, stop):
+            h = self.stack.layers[i](h, **kwargs)
+            if layer_edits and i in layer_edits:
+                h = layer_edits[i](h, batch)
+        return h
+
+    def logits(self, batch: VLBatch, layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:
+        """Full forward: [B, L, V] logits, with optional edits on decoder-layer outputs."""
+        return self.stack.head(self._run(batch, 0, self.num_layers, layer_edits=layer_edits))
+
+    def hidden_at(self, batch: VLBatch, layer: int) -> torch.Tensor:
+        """Output of decoder layer ``layer`` (0-based), running only layers 0..layer."""
+        return self._run(batch, 0, layer + 1)
+
+    def logits_from(self, hidden: torch.Tensor, batch: VLBatch, layer: int,
+                    layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:
+        """Logits given the output of decoder layer ``layer``: runs only layers layer+1.. and the head."""
+        return self.stack.head(self._run(batch, layer + 1, self.num_layers, hidden, layer_edits))
+
+    @torch.no_grad()
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int,
+                 layer_edits: dict[int, LayerEdit] | None = None) -> list[list[int]]:
+        """Greedy decoding (full forward per step, right-padded batch); stops at EOS per sample."""
+        batch = self.encode(samples, with_targets=False)
+        B, L, D = batch.inputs_embeds.shape
+        grow = lambda t, v: torch.cat([t, t.new_full((B, max_new_tokens) + t.shape[2:], v)], 1)
+        batch = replace(batch, input_ids=grow(batch.input_ids, self.pad_token_id),
+                        inputs_embeds=grow(batch.inputs_embeds, 0), attention_mask=grow(batch.attention_mask, 0),
+                        labels=grow(batch.labels, IGNORE))
+        out = [[] for _ in range(B)]
+        alive = torch.ones(B, dtype=torch.bool, device=self.device)
+        rows = torch.arange(B, device=self.device)
+        embed = self.model.get_input_embeddings()
+        for _ in range(max_new_tokens):
+            lengths = batch.lengths
+            nxt = self.logits(batch, layer_edits)[rows, lengths - 1].argmax(-1)
+            for b in alive.nonzero().flatten().tolist():
+                out[b].append(int(nxt[b]))
+            alive &= nxt != self.tokenizer.eos_token_id
+            if not alive.any():
+                break
+            idx = rows[alive]
+            batch.input_ids[idx, lengths[idx]] = nxt[idx]
+            batch.inputs_embeds[idx, lengths[idx]] = embed(nxt[idx]).to(batch.inputs_embeds.dtype)
+            batch.attention_mask[idx, lengths[idx]] = 1
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -1,0 +1,1093 @@
+"""Synthetic visual world: a small, learnable stand-in for E-VQA, E-IC and VLKEB.
+
+Run ``python -m synthetic.world --seed 0 --out data/synthetic`` (see ``--help`` for the size
+flags), or call :func:`ensure_world` from code.
+
+The world
+---------
+An *entity* is a picture described by five attributes:
+
+* ``shape``      one of :data:`SHAPES` (8 shapes),
+* ``color``      the colour of the shape(s), one of :data:`COLORS` (11 colours),
+* ``background`` the background colour, also one of :data:`COLORS` (never the shape colour, and
+                 only pairs with enough contrast, see :data:`MIN_CONTRAST`),
+* ``count``      1, 2 or 3 copies of the shape,
+* ``pattern``    ``solid`` or ``striped`` (stripes cut out of the shape, showing the background).
+
+That gives 4,704 entities. Every entity has any number of *renders*: render ``k`` of entity ``e``
+is a deterministic function of ``(seed, e, k)`` (position, layout rotation, scale, small rotation,
+colour shift and pixel noise vary). Renders ``k = 0`` and ``k = 1`` are reserved for the datasets
+(``image`` / ``m_loc`` and ``image_rephrase``); renders ``k >= 2`` are pretraining renders.
+
+Knowledge on top of perception (VLKEB style): every (shape, colour) pair is the emblem of a
+made-up *city* (88 names) and every background colour is the flag of a made-up *country*
+(11 names); both lookups are drawn from the seed.
+
+Text-only facts (text locality) are small compositional families: next day/month/letter, the
+successor of a number, small additions, opposites, animal sounds, plurals, polygon sides, colour
+mixing (230 facts). Each family has three paraphrases: the first two are used everywhere, the
+third is held out (only in ``pretrain/heldout.json``).
+
+Every question type likewise has a list of paraphrases; the last one is held out.
+
+Files written under ``<out>``
+-----------------------------
+::
+
+    world.json                                   manifest (seed, config, vocabulary, counts), written last
+    entities.json                                every entity: id, attributes, city, country, split
+    easy-edit-mm/vqa/vqa_train.json, vqa_eval.json                  SYNTH-EVQA (real E-VQA schema)
+    easy-edit-mm/caption/caption_train_edit.json, caption_eval_edit.json   SYNTH-EIC
+    easy-edit-mm/images/{train,eval,rephrase,loc}/<eid>_<k>.png     images of both (shared)
+    VLKEB/train.json, VLKEB/eval.json                               SYNTH-VLKEB
+    VLKEB/mmkb_images/<eid>/render_<k>.png                          its images
+    pretrain/train.json                          pretraining corpus (true answers only)
+    pretrain/heldout.json                        held-out renders / paraphrases, for accuracy
+    pretrain/images/<eid>_<k>.png                pretraining renders (k >= 2)
+
+Dataset records have exactly the keys of the real data (:data:`RECORD_KEYS`); image paths are
+relative to the dataset's image root (``easy-edit-mm/images`` or ``VLKEB/mmkb_images``).
+Train and eval use disjoint entity sets, and ``m_loc`` images come from a third pool of
+entities that is never edited.
+
+Pretraining corpus format: a JSON list of ``{"image": <path relative to <out>> | null,
+"prompt": str, "target": str, "kind": "vqa" | "caption" | "vlkeb" | "text"}``; heldout entries
+also carry ``"heldout": "render" | "paraphrase" | "render+paraphrase"``. Prompts are already in
+the evaluation's task format (``"{question} The answer is:"`` for VQA, ``"{loc}?"`` for text,
+``src`` as is for captions / VLKEB); targets have no leading space (add one when the prompt does
+not end in whitespace). Text facts are < 1% of ``train.json``: oversample ``kind == "text"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+try:  # tqdm is optional: progress output only
+    from tqdm import tqdm as _tqdm
+except ImportError:  # pragma: no cover
+    _tqdm = None
+
+FORMAT_VERSION = 1
+MANIFEST = "world.json"
+
+RECORD_KEYS = (
+    "src", "rephrase", "pred", "alt", "image", "image_rephrase",
+    "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a",
+)
+
+# Dataset files, relative to <out>: name -> (json path, image root).
+DATASET_FILES = {
+    "evqa_train": ("easy-edit-mm/vqa/vqa_train.json", "easy-edit-mm/images"),
+    "evqa_eval": ("easy-edit-mm/vqa/vqa_eval.json", "easy-edit-mm/images"),
+    "eic_train": ("easy-edit-mm/caption/caption_train_edit.json", "easy-edit-mm/images"),
+    "eic_eval": ("easy-edit-mm/caption/caption_eval_edit.json", "easy-edit-mm/images"),
+    "vlkeb_train": ("VLKEB/train.json", "VLKEB/mmkb_images"),
+    "vlkeb_eval": ("VLKEB/eval.json", "VLKEB/mmkb_images"),
+}
+PRETRAIN_FILES = {"train": "pretrain/train.json", "heldout": "pretrain/heldout.json"}
+
+VQA_SUFFIX = " The answer is:"
+NQ_PREFIX = "nq question: "
+
+# ----------------------------------------------------------------------------- vocabulary
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent")
+SHAPE_PLURALS = {
+    "circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
+    "star": "stars", "cross": "crosses", "ring": "rings", "crescent": "crescents",
+}
+# Few, well separated colours (distinguishable after resizing to 32x32 with jitter and noise).
+COLORS = {
+    "red": (215, 35, 35),
+    "orange": (245, 135, 10),
+    "yellow": (245, 225, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 225),
+    "purple": (140, 55, 190),
+    "pink": (245, 160, 200),
+    "brown": (120, 70, 30),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+    "gray": (128, 128, 128),
+}
+MIN_CONTRAST = 110.0  # minimal RGB distance between shape colour and background colour
+COUNTS = (1, 2, 3)
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+PATTERNS = ("solid", "striped")
+
+VQA_TYPES = ("color", "shape", "count", "background", "pattern")
+# The last paraphrase of every list is held out of pretraining and of the datasets.
+VQA_QUESTIONS = {
+    "color": (
+        "What color is the shape?",
+        "What is the color of the shape?",
+        "Which color does the object have?",
+        "What colour are the objects in the picture?",
+        "Tell me the color of the figure.",
+    ),
+    "shape": (
+        "What shape is shown?",
+        "What kind of shape is in the image?",
+        "Which shape can be seen in the picture?",
+        "What is the shape of the object?",
+        "Name the shape drawn in this image.",
+    ),
+    "count": (
+        "How many shapes are there?",
+        "What is the number of shapes in the image?",
+        "How many objects can you see?",
+        "Count the shapes in the picture.",
+        "How many figures are drawn?",
+    ),
+    "background": (
+        "What color is the background?",
+        "What is the background color?",
+        "Which color is behind the shape?",
+        "What colour is the backdrop of the image?",
+        "Tell me the color of the background.",
+    ),
+    "pattern": (
+        "Is the shape striped or solid?",
+        "What pattern does the shape have?",
+        "Does the object have stripes or a plain fill?",
+        "What is the fill pattern of the shape?",
+        "Is the figure solid or striped?",
+    ),
+}
+CAPTION_SRC = "a photo of"
+CAPTION_PROMPTS = (
+    "a photo of",
+    "a picture of",
+    "an image of",
+    "describe the image content,",
+    "provide a brief overview of the image content,",
+    "offer a rich description of the image,",  # held out
+)
+VLKEB_TYPES = ("city", "country")
+VLKEB_QUESTIONS = {
+    "city": (
+        "What is the name of the city depicted in the image?",
+        "What city is featured in the image?",
+        "What is the name of the city in this image?",
+        "Which city is shown in the picture?",
+        "Can you identify the city shown in the picture?",
+    ),
+    "country": (
+        "In which country is the place in the image?",
+        "What country is shown in the picture?",
+        "Which country does this image come from?",
+        "What is the country of the place in this image?",
+        "Name the nation depicted in the image.",
+    ),
+}
+VLKEB_CITY_FRACTION = 0.75
+
+_SYL_START = ("bar", "cal", "dor", "el", "fen", "gal", "har", "ist", "jor", "kel", "lor", "mar",
+              "nor", "or", "pel", "quin", "ros", "sal", "tor", "ul", "val", "wen", "yar", "zel")
+_SYL_MID = ("a", "e", "i", "o", "u", "an", "en", "in", "on", "ar", "er", "il")
+_CITY_END = ("ton", "ford", "holm", "burg", "vale", "port", "mouth", "ley", "grad", "wick",
+             "stead", "haven", "field", "more")
+_COUNTRY_END = ("ia", "land", "stan", "ora", "mark", "avia", "onia", "ea")
+
+# ----------------------------------------------------------------------------- text facts
+
+_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
+           "september", "october", "november", "december")
+_OPPOSITES = (("hot", "cold"), ("big", "small"), ("up", "down"), ("day", "night"),
+              ("fast", "slow"), ("happy", "sad"), ("open", "closed"), ("light", "dark"),
+              ("wet", "dry"), ("old", "young"), ("hard", "soft"), ("high", "low"),
+              ("full", "empty"), ("early", "late"), ("loud", "quiet"), ("rich", "poor"),
+              ("strong", "weak"), ("thick", "thin"), ("win", "lose"), ("push", "pull"))
+_SOUNDS = (("cow", "moo"), ("dog", "woof"), ("cat", "meow"), ("duck", "quack"), ("sheep", "baa"),
+           ("pig", "oink"), ("horse", "neigh"), ("owl", "hoot"), ("lion", "roar"),
+           ("snake", "hiss"), ("bee", "buzz"), ("frog", "ribbit"))
+_PLURALS = (("mouse", "mice"), ("child", "children"), ("foot", "feet"), ("tooth", "teeth"),
+            ("man", "men"), ("woman", "women"), ("goose", "geese"), ("person", "people"),
+            ("leaf", "leaves"), ("knife", "knives"), ("wolf", "wolves"), ("box", "boxes"))
+_SIDES = (("triangle", "3"), ("square", "4"), ("pentagon", "5"), ("hexagon", "6"),
+          ("heptagon", "7"), ("octagon", "8"))
+_MIXES = (("red", "yellow", "orange"), ("blue", "yellow", "green"), ("red", "blue", "purple"),
+          ("red", "white", "pink"), ("black", "white", "gray"))
+
+
+@dataclass(frozen=True)
+class TextFact:
+    """A text-only fact; ``questions[-1]`` is the held-out paraphrase."""
+
+    family: str
+    questions: tuple[str, ...]
+    answer: str
+
+
+def text_facts() -> list[TextFact]:
+    """The world's text-only facts (230), in a fixed order. Questions are lowercase, no '?'."""
+    facts: list[TextFact] = []
+
+    def add(family: str, answer: str, *questions: str) -> None:
+        facts.append(TextFact(family, tuple(questions), answer))
+
+    for i, d in enumerate(_DAYS):
+        add("day", _DAYS[(i + 1) % 7], f"what day comes after {d}", f"which day follows {d}",
+            f"name the day after {d}")
+    for i, m in enumerate(_MONTHS):
+        add("month", _MONTHS[(i + 1) % 12], f"what month comes after {m}",
+            f"which month follows {m}", f"name the month after {m}")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for i in range(25):
+        a, b = letters[i], letters[i + 1]
+        add("letter", b, f"what letter comes after {a}", f"which letter follows {a} in the alphabet",
+            f"name the letter after {a}")
+    for n in range(1, 51):
+        add("successor", str(n + 1), f"what number comes after {n}", f"which number follows {n}",
+            f"what is one more than {n}")
+    for a in range(1, 10):
+        for b in range(1, 10):
+            add("addition", str(a + b), f"what is {a} plus {b}", f"how much is {a} plus {b}",
+                f"what do you get when you add {a} and {b}")
+    for w, o in _OPPOSITES:
+        add("opposite", o, f"what is the opposite of {w}", f"which word means the opposite of {w}",
+            f"give the antonym of {w}")
+    for animal, sound in _SOUNDS:
+        add("sound", sound, f"what sound does a {animal} make", f"what noise does a {animal} make",
+            f"how does a {animal} sound")
+    for w, p in _PLURALS:
+        add("plural", p, f"what is the plural of {w}", f"how do you say more than one {w}",
+            f"give the plural form of {w}")
+    for s, n in _SIDES:
+        add("sides", n, f"how many sides does a {s} have", f"what is the number of sides of a {s}",
+            f"count the sides of a {s}")
+    for a, b, c in _MIXES:
+        add("mix", c, f"what color do you get by mixing {a} and {b}",
+            f"which color comes from mixing {a} and {b}", f"what do {a} and {b} make when mixed")
+    return facts
+
+
+# ----------------------------------------------------------------------------- entities
+
+
+@dataclass(frozen=True)
+class Entity:
+    idx: int
+    shape: str
+    color: str
+    background: str
+    count: int
+    pattern: str
+
+    @property
+    def id(self) -> str:
+        return f"e{self.idx:04d}"
+
+    def attrs(self) -> dict:
+        return {"shape": self.shape, "color": self.color, "background": self.background,
+                "count": self.count, "pattern": self.pattern}
+
+
+def _contrast(a: str, b: str) -> float:
+    return math.dist(COLORS[a], COLORS[b])
+
+
+def all_entities() -> list[Entity]:
+    """Every valid attribute combination, in canonical order (index = ``Entity.idx``)."""
+    out = []
+    for shape in SHAPES:
+        for color in COLORS:
+            for bg in COLORS:
+                if bg == color or _contrast(color, bg) < MIN_CONTRAST:
+                    continue
+                for count in COUNTS:
+                    for pattern in PATTERNS:
+                        out.append(Entity(len(out), shape, color, bg, count, pattern))
+    return out
+
+
+def _make_names(rng: random.Random, n: int, endings: Sequence[str], taken: set) -> list[str]:
+    names: list[str] = []
+    while len(names) < n:
+        parts = [rng.choice(_SYL_START)]
+        if rng.random() < 0.6:
+            parts.append(rng.choice(_SYL_MID))
+        parts.append(rng.choice(endings))
+        name = "".join(parts).capitalize()
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+@dataclass
+class World:
+    """The seed-dependent part of the world: knowledge lookups and the entity universe."""
+
+    seed: int
+    entities: list[Entity]
+    cities: dict  # "shape|color" -> city name
+    countries: dict  # background colour -> country name
+
+    def city(self, e: Entity) -> str:
+        return self.cities[f"{e.shape}|{e.color}"]
+
+    def country(self, e: Entity) -> str:
+        return self.countries[e.background]
+
+
+def build_world(seed: int = 0) -> World:
+    """Knowledge lookups (cities, countries) for ``seed``; deterministic."""
+    rng = random.Random(f"{seed}:names")
+    taken: set = set()
+    pairs = [f"{s}|{c}" for s in SHAPES for c in COLORS]
+    city_names = _make_names(rng, len(pairs), _CITY_END, taken)
+    country_names = _make_names(rng, len(COLORS), _COUNTRY_END, taken)
+    return World(seed, all_entities(), dict(zip(pairs, city_names)),
+                 dict(zip(COLORS, country_names)))
+
+
+def vqa_answer(e: Entity, qtype: str) -> str:
+    if qtype == "color":
+        return e.color
+    if qtype == "shape":
+        return e.shape
+    if qtype == "count":
+        return str(e.count)
+    if qtype == "background":
+        return e.background
+    if qtype == "pattern":
+        return e.pattern
+    raise ValueError(f"unknown VQA question type {qtype!r}; expected one of {VQA_TYPES}")
+
+
+def vqa_values(qtype: str) -> list[str]:
+    return {"color": list(COLORS), "shape": list(SHAPES), "count": [str(c) for c in COUNTS],
+            "background": list(COLORS), "pattern": list(PATTERNS)}[qtype]
+
+
+def vqa_alt(rng: random.Random, e: Entity, qtype: str) -> str:
+    """A wrong answer of the same type; colours avoid both colours present in the image."""
+    present = {e.color, e.background} if qtype in ("color", "background") else {vqa_answer(e, qtype)}
+    return rng.choice([v for v in vqa_values(qtype) if v not in present])
+
+
+def caption(e: Entity) -> str:
+    adj = "striped " if e.pattern == "striped" else ""
+    noun = e.shape if e.count == 1 else SHAPE_PLURALS[e.shape]
+    det = COUNT_WORDS[e.count]
+    words = f"{adj}{e.color} {noun}"
+    if det == "a" and words[0] in "aeiou":
+        det = "an"
+    return f"{det} {words} on a {e.background} background"
+
+
+def vlkeb_answer(world: World, e: Entity, qtype: str) -> str:
+    if qtype == "city":
+        return world.city(e)
+    if qtype == "country":
+        return world.country(e)
+    raise ValueError(f"unknown VLKEB question type {qtype!r}; expected one of {VLKEB_TYPES}")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _unit_polygon(shape: str) -> list[tuple[float, float]]:
+    if shape == "square":
+        return [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+    if shape == "diamond":
+        return [(0.0, -1.0), (0.8, 0.0), (0.0, 1.0), (-0.8, 0.0)]
+    if shape == "triangle":
+        return [(math.cos(a) * 1.05, math.sin(a) * 1.05 + 0.18)
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "star":
+        pts = []
+        for i in range(10):
+            r = 1.0 if i % 2 == 0 else 0.45
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((r * math.cos(a), r * math.sin(a) + 0.08))
+        return pts
+    if shape == "cross":
+        w = 0.34
+        return [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
+                (-1, w), (-1, -w), (-w, -w)]
+    raise ValueError(f"{shape!r} is not a polygon shape")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+                rot: float) -> None:
+    """Draw one shape of radius ``r`` (pixels) into a mode-"L" mask."""
+    if shape in ("circle", "ring", "crescent"):
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        if shape == "ring":
+            ri = r * 0.52
+            draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=0)
+        elif shape == "crescent":
+            ox, oy = 0.45 * r, -0.25 * r
+            c, s = math.cos(rot), math.sin(rot)
+            ox, oy = c * ox - s * oy, s * ox + c * oy
+            ri = r * 0.85
+            draw.ellipse((cx + ox - ri, cy + oy - ri, cx + ox + ri, cy + oy + ri), fill=0)
+        return
+    c, s = math.cos(rot), math.sin(rot)
+    pts = [(cx + r * (c * x - s * y), cy + r * (s * x + c * y)) for x, y in _unit_polygon(shape)]
+    draw.polygon(pts, fill=255)
+
+
+_LAYOUT = {  # count -> (radius of each shape, distance of its centre from the image centre), in
+    1: (0.31, 0.0),  # fractions of the image size
+    2: (0.20, 0.235),
+    3: (0.17, 0.265),
+}
+
+
+def render_entity(e: Entity, k: int, seed: int, size: int = 64) -> Image.Image:
+    """Render ``k`` of entity ``e``: deterministic in ``(seed, e.idx, k, size)``.
+
+    Renders 0 and 1 are the datasets' (edit image / rephrased image); use ``k >= 2`` for
+    any extra pretraining augmentation.
+    """
+    rng = np.random.default_rng([seed, e.idx, k, 7919])
+    ss = size * 2  # draw the mask at 2x and downsample for smooth edges
+    mask = Image.new("L", (ss, ss), 0)
+    draw = ImageDraw.Draw(mask)
+    frac_r, frac_d = _LAYOUT[e.count]
+    scale = rng.uniform(0.9, 1.08)
+    r = frac_r * ss * scale
+    theta = rng.uniform(0, 2 * math.pi)
+    jit = 0.06 * ss if e.count == 1 else 0.03 * ss
+    jx, jy = rng.uniform(-jit, jit, size=2)
+    for i in range(e.count):
+        a = theta + 2 * math.pi * i / e.count
+        cx = ss / 2 + frac_d * ss * math.cos(a) + jx
+        cy = ss / 2 + frac_d * ss * math.sin(a) + jy
+        rot = math.radians(rng.uniform(-12, 12))
+        _draw_shape(draw, e.shape, cx, cy, r, rot)
+    m = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    if e.pattern == "striped":
+        period = size / 6.4  # 10 px at 64 px, 5 px at 32 px
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        diag = rng.choice([-1.0, 1.0])
+        phase = rng.uniform(0, period)
+        stripe = ((xx + diag * yy + phase) % period) < (period / 2)
+        m = m * np.where(stripe, 0.0, 1.0).astype(np.float32)
+    fg = np.clip(np.array(COLORS[e.color], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
+    bg = np.clip(np.array(COLORS[e.background], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
+    img = bg[None, None, :] * (1 - m[..., None]) + fg[None, None, :] * m[..., None]
+    # Luminance noise on a half-resolution grid: variation without bloating the PNGs.
+    half = max(size // 2, 1)
+    noise = rng.normal(0.0, 5.0, (half, half, 1)).astype(np.float32)
+    noise = np.repeat(np.repeat(noise, size // half, 0), size // half, 1)
+    img = np.clip(np.rint(img + noise[:size, :size]), 0, 255).astype(np.uint8)
+    return Image.fromarray(img, "RGB")
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # no pnginfo: no timestamps / metadata
+    return buf.getvalue()
+
+
+def _render_chunk(args) -> int:
+    """Worker: render ``[(entity_tuple, k, [abs paths])]``; return how many were rendered."""
+    seed, size, tasks = args
+    for ent_t, k, paths in tasks:
+        data = _png_bytes(render_entity(Entity(*ent_t), k, seed, size))
+        for p in paths:
+            with open(p, "wb") as f:
+                f.write(data)
+    return len(tasks)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything the generated world depends on (the manifest stores it)."""
+
+    seed: int = 0
+    n_train: int = 2000  # records per dataset, train split
+    n_eval: int = 1000  # records per dataset, eval split
+    n_loc: int = 500  # entities of the m_loc pool (never edited)
+    pretrain_renders: int = 2  # pretraining renders per entity (k = 2 .. 1 + pretrain_renders)
+    extra_entities: int = -1  # entities beyond train/eval/loc that get pretraining renders (-1: all)
+    n_heldout_renders: int = 500  # dataset renders sampled into pretrain/heldout.json
+    image_size: int = 64
+
+    def validate(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"WorldConfig.{f.name} must be an int, got {v!r}")
+        for name in ("n_train", "n_eval", "n_loc", "pretrain_renders"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.extra_entities < -1:
+            raise ValueError(f"WorldConfig.extra_entities must be >= -1, got {self.extra_entities}")
+        if self.n_heldout_renders < 0:
+            raise ValueError(f"WorldConfig.n_heldout_renders must be >= 0, got {self.n_heldout_renders}")
+        if self.image_size < 16 or self.image_size % 2:
+            raise ValueError(f"WorldConfig.image_size must be an even int >= 16, got {self.image_size}")
+
+
+def _split_universe(cfg: WorldConfig, n_total: int, rng: random.Random):
+    """Shuffled entity indices -> (train, eval, loc, extra) pools, pairwise disjoint."""
+    order = list(range(n_total))
+    rng.shuffle(order)
+    n_loc = min(cfg.n_loc, max(1, n_total // 10))
+    rest = n_total - n_loc
+    if cfg.n_train + cfg.n_eval <= rest:
+        n_tr, n_ev = cfg.n_train, cfg.n_eval
+    else:  # not enough entities for one per record: split proportionally, records cycle
+        n_tr = max(1, round(rest * cfg.n_train / (cfg.n_train + cfg.n_eval)))
+        n_ev = rest - n_tr
+    loc = order[:n_loc]
+    train = order[n_loc:n_loc + n_tr]
+    ev = order[n_loc + n_tr:n_loc + n_tr + n_ev]
+    extra = order[n_loc + n_tr + n_ev:]
+    if cfg.extra_entities >= 0:
+        extra = extra[:cfg.extra_entities]
+    return train, ev, loc, extra
+
+
+class _Builder:
+    def __init__(self, cfg: WorldConfig):
+        self.cfg = cfg
+        self.world = build_world(cfg.seed)
+        self.ents = self.world.entities
+        self.facts = text_facts()
+        by_attrs = {(e.shape, e.color, e.background, e.count, e.pattern): e for e in self.ents}
+        self.by_attrs = by_attrs
+        rng = random.Random(f"{cfg.seed}:split")
+        self.train, self.eval, self.loc, self.extra = _split_universe(cfg, len(self.ents), rng)
+        # (entity idx, k) -> list of paths relative to <out>
+        self.renders: dict[tuple[int, int], list[str]] = {}
+
+    # -- image paths --------------------------------------------------------------------
+    def _need(self, idx: int, k: int, rel: str) -> None:
+        paths = self.renders.setdefault((idx, k), [])
+        if rel not in paths:
+            paths.append(rel)
+
+    def mm_image(self, split: str, idx: int, k: int) -> str:
+        """Path relative to easy-edit-mm/images."""
+        rel = f"{split}/{self.ents[idx].id}_{k}.png"
+        self._need(idx, k, "easy-edit-mm/images/" + rel)
+        return rel
+
+    def kb_image(self, idx: int, k: int) -> str:
+        """Path relative to VLKEB/mmkb_images."""
+        rel = f"{self.ents[idx].id}/render_{k}.png"
+        self._need(idx, k, "VLKEB/mmkb_images/" + rel)
+        return rel
+
+    def pt_image(self, idx: int, k: int) -> str:
+        rel = f"pretrain/images/{self.ents[idx].id}_{k}.png"
+        self._need(idx, k, rel)
+        return rel
+
+    # -- helpers ------------------------------------------------------------------------
+    def _fact(self, rng: random.Random) -> TextFact:
+        return rng.choice(self.facts)
+
+    def _two_paraphrases(self, rng: random.Random, qs: Sequence[str]) -> tuple[str, str]:
+        a, b = rng.sample(range(len(qs) - 1), 2)  # never the held-out (last) paraphrase
+        return qs[a], qs[b]
+
+    def _vqa_mloc(self, rng: random.Random, split_img) -> tuple[str, str, str]:
+        le = self.ents[rng.choice(self.loc)]
+        qt = rng.choice(VQA_TYPES)
+        q = rng.choice(VQA_QUESTIONS[qt][:-1])
+        return split_img(le.idx), q, vqa_answer(le, qt)
+
+    def _alt_caption(self, rng: random.Random, e: Entity) -> str:
+        names = ("shape", "color", "background", "count", "pattern")
+        values = {"shape": SHAPES, "color": tuple(COLORS), "background": tuple(COLORS),
+                  "count": COUNTS, "pattern": PATTERNS}
+        for _ in range(1000):
+            changed = rng.sample(names, rng.choice((1, 1, 2)))
+            a = e.attrs()
+            for n in changed:
+                a[n] = rng.choice([v for v in values[n] if v != a[n]])
+            cand = self.by_attrs.get((a["shape"], a["color"], a["background"], a["count"],
+                                      a["pattern"]))
+            if cand is not None and caption(cand) != caption(e):
+                return caption(cand)
+        raise RuntimeError(f"no alternative caption found for entity {e}")  # pragma: no cover
+
+    @staticmethod
+    def _cycle(pool: Sequence[int], n: int) -> list[int]:
+        return [pool[i % len(pool)] for i in range(n)]
+
+    # -- datasets -----------------------------------------------------------------------
+    def evqa(self, split: str, pool: Sequence[int], n: int) -> list[dict]:
+        rng = random.Random(f"{self.cfg.seed}:evqa:{split}")
+        recs = []
+        for idx in self._cycle(pool, n):
+            e = self.ents[idx]
+            qt = rng.choice(VQA_TYPES)
+            src, reph = self._two_paraphrases(rng, VQA_QUESTIONS[qt])
+            fact = self._fact(rng)
+            m_loc, m_q, m_a = self._vqa_mloc(rng, lambda i: self.mm_image("loc", i, 0))
+            recs.append({
+                "src": src, "rephrase": reph, "pred": vqa_answer(e, qt),
+                "alt": vqa_alt(rng, e, qt),
+                "image": self.mm_image(split, idx, 0),
+                "image_rephrase": self.mm_image("rephrase", idx, 1),
+                "loc": NQ_PREFIX + fact.questions[0], "loc_ans": fact.answer,
+                "m_loc": m_loc, "m_loc_q": m_q, "m_loc_a": m_a,
+            })
+        return recs
+
+    def eic(self, split: str, pool: Sequence[int], n: int) -> list[dict]:
+        rng = random.Random(f"{self.cfg.seed}:eic:{split}")
+        recs = []
+        for idx in self._cycle(pool, n):
+            e = self.ents[idx]
+            reph = rng.choice([p for p in CAPTION_PROMPTS[:-1] if p != CAPTION_SRC])
+            fact = self._fact(rng)
+            m_loc, m_q, m_a = self._vqa_mloc(rng, lambda i: self.mm_image("loc", i, 0))
+            recs.append({
+                "src": CAPTION_SRC, "rephrase": reph, "pred": caption(e),
+                "alt": self._alt_caption(rng, e),
+                "image": self.mm_image(split, idx, 0),
+                "image_rephrase": self.mm_image("rephrase", idx, 1),
+                "loc": NQ_PREFIX + fact.questions[0], "loc_ans": fact.answer,
+                "m_loc": m_loc, "m_loc_q": m_q, "m_loc_a": m_a,
+            })
+        return recs
+
+    def vlkeb(self, split: str, pool: Sequence[int], n: int) -> list[dict]:
+        rng = random.Random(f"{self.cfg.seed}:vlkeb:{split}")
+        w = self.world
+        cities = sorted(set(w.cities.values()))
+        countries = sorted(set(w.countries.values()))
+        recs = []
+        for idx in self._cycle(pool, n):
+            e = self.ents[idx]
+            qt = "city" if rng.random() < VLKEB_CITY_FRACTION else "country"
+            src, reph = self._two_paraphrases(rng, VLKEB_QUESTIONS[qt])
+            pred = vlkeb_answer(w, e, qt)
+            alt = rng.choice([v for v in (cities if qt == "city" else countries) if v != pred])
+            fact = self._fact(rng)
+            le = self.ents[rng.choice(self.loc)]
+            mqt = "city" if rng.random() < VLKEB_CITY_FRACTION else "country"
+            recs.append({
+                "src": src, "rephrase": reph, "pred": pred, "alt": alt,
+                "image": self.kb_image(idx, 0),
+                "image_rephrase": self.kb_image(idx, 1),
+                "loc": fact.questions[0], "loc_ans": fact.answer,
+                "m_loc": self.kb_image(le.idx, 0),
+                "m_loc_q": rng.choice(VLKEB_QUESTIONS[mqt][:-1]),
+                "m_loc_a": vlkeb_answer(w, le, mqt),
+            })
+        return recs
+
+    # -- pretraining corpus -------------------------------------------------------------
+    def _image_examples(self, rng: random.Random, e: Entity, mm_path: str, kb_path: str,
+                        paraphrases: str) -> list[dict]:
+        """Examples about one render. paraphrases: 'train' (2 per type) or 'heldout' (the last)."""
+        out = []
+        w = self.world
+
+        def pick(qs: Sequence[str], n: int) -> list[str]:
+            return list(qs[-1:]) if paraphrases == "heldout" else rng.sample(list(qs[:-1]), n)
+
+        for qt in VQA_TYPES:
+            for q in pick(VQA_QUESTIONS[qt], 2):
+                out.append({"image": mm_path, "prompt": q + VQA_SUFFIX,
+                            "target": vqa_answer(e, qt), "kind": "vqa"})
+        for p in pick(CAPTION_PROMPTS, 2):
+            out.append({"image": mm_path, "prompt": p, "target": caption(e), "kind": "caption"})
+        for qt, n in (("city", 2), ("country", 1)):
+            for q in pick(VLKEB_QUESTIONS[qt], n):
+                # VLKEB prompts are used as is; M-Loc adds " The answer is:" (DESIGN section 4)
+                prompt = q + VQA_SUFFIX if (paraphrases == "train" and rng.random() < 0.3) else q
+                out.append({"image": kb_path, "prompt": prompt,
+                            "target": vlkeb_answer(w, e, qt), "kind": "vlkeb"})
+        return out
+
+    def pretrain(self) -> tuple[list[dict], list[dict]]:
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.seed}:pretrain")
+        train: list[dict] = []
+        pt_entities = sorted(set(self.train) | set(self.eval) | set(self.loc) | set(self.extra))
+        for idx in pt_entities:
+            e = self.ents[idx]
+            for k in range(2, 2 + cfg.pretrain_renders):
+                p = self.pt_image(idx, k)
+                train.extend(self._image_examples(rng, e, p, p, "train"))
+        for f in self.facts:
+            for q in f.questions[:-1]:
+                for prefix in (NQ_PREFIX, ""):
+                    train.append({"image": None, "prompt": f"{prefix}{q}?", "target": f.answer,
+                                  "kind": "text"})
+
+        held: list[dict] = []
+        # held-out renders: the dataset renders (k=0 edit images / m_loc, k=1 rephrase images)
+        ds_renders = sorted((idx, k) for (idx, k), paths in self.renders.items() if k <= 1)
+        n = min(cfg.n_heldout_renders, len(ds_renders))
+        for idx, k in rng.sample(ds_renders, n):
+            e = self.ents[idx]
+            paths = self.renders[(idx, k)]
+            mm = next((p for p in paths if p.startswith("easy-edit-mm/")), None)
+            kb = next((p for p in paths if p.startswith("VLKEB/")), None)
+            mm = mm or kb
+            kb = kb or mm
+            for ex in self._image_examples(rng, e, mm, kb, "train"):
+                held.append({**ex, "heldout": "render"})
+            for ex in self._image_examples(rng, e, mm, kb, "heldout"):
+                held.append({**ex, "heldout": "render+paraphrase"})
+        # held-out paraphrases on (a sample of) pretraining renders
+        pt_renders = sorted(key for key in self.renders if key[1] >= 2)
+        for idx, k in rng.sample(pt_renders, min(n, len(pt_renders))):
+            p = self.renders[(idx, k)][0]
+            for ex in self._image_examples(rng, self.ents[idx], p, p, "heldout"):
+                held.append({**ex, "heldout": "paraphrase"})
+        for f in self.facts:
+            for prefix in (NQ_PREFIX, ""):
+                held.append({"image": None, "prompt": f"{prefix}{f.questions[-1]}?",
+                             "target": f.answer, "kind": "text", "heldout": "paraphrase"})
+        return train, held
+
+    def entities_table(self) -> list[dict]:
+        split_of = {}
+        for name, pool in (("train", self.train), ("eval", self.eval), ("loc", self.loc),
+                           ("extra", self.extra)):
+            for i in pool:
+                split_of[i] = name
+        rows = []
+        for e in self.ents:
+            rows.append({"id": e.id, **e.attrs(), "city": self.world.city(e),
+                         "country": self.world.country(e), "split": split_of.get(e.idx, "unused"),
+                         "caption": caption(e)})
+        return rows
+
+
+def _dump_records(path: Path, records: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+def _dump_lines(path: Path, records: list) -> None:
+    """A JSON list with one compact record per line (much smaller than indent=1)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[\n")
+        f.write(",\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+        f.write("\n]\n")
+
+
+def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> dict:
+    b = _Builder(cfg)
+    datasets = {
+        "evqa_train": b.evqa("train", b.train, cfg.n_train),
+        "evqa_eval": b.evqa("eval", b.eval, cfg.n_eval),
+        "eic_train": b.eic("train", b.train, cfg.n_train),
+        "eic_eval": b.eic("eval", b.eval, cfg.n_eval),
+        "vlkeb_train": b.vlkeb("train", b.train, cfg.n_train),
+        "vlkeb_eval": b.vlkeb("eval", b.eval, cfg.n_eval),
+    }
+    pre_train, pre_held = b.pretrain()
+
+    # Render every needed (entity, k) once; write its bytes to every path that uses it.
+    keys = sorted(b.renders)
+    for d in {str(Path(p).parent) for ps in b.renders.values() for p in ps}:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    tasks = [(astuple_entity(b.ents[i]), k, [str(root / p) for p in b.renders[(i, k)]])
+             for i, k in keys]
+    chunk = 200
+    chunks = [(cfg.seed, cfg.image_size, tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
+    bar = (_tqdm(total=len(tasks), desc="render", unit="img", file=sys.stderr, mininterval=0.5)
+           if progress and _tqdm is not None else None)
+    try:
+        if workers > 1 and len(chunks) > 1:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+                for done in ex.map(_render_chunk, chunks):
+                    if bar is not None:
+                        bar.update(done)
+        else:
+            for c in chunks:
+                done = _render_chunk(c)
+                if bar is not None:
+                    bar.update(done)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    for name, recs in datasets.items():
+        _dump_records(root / DATASET_FILES[name][0], recs)
+    _dump_lines(root / PRETRAIN_FILES["train"], pre_train)
+    _dump_lines(root / PRETRAIN_FILES["heldout"], pre_held)
+    _dump_lines(root / "entities.json", b.entities_table())
+
+    manifest = {
+        "format": "liveedit-synthetic-world",
+        "format_version": FORMAT_VERSION,
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "datasets": {name: {"file": DATASET_FILES[name][0], "image_root": DATASET_FILES[name][1],
+                            "records": len(recs)} for name, recs in datasets.items()},
+        "pretrain": {"train": {"file": PRETRAIN_FILES["train"], "examples": len(pre_train)},
+                     "heldout": {"file": PRETRAIN_FILES["heldout"], "examples": len(pre_held)}},
+        "entities": {"total": len(b.ents), "train": len(b.train), "eval": len(b.eval),
+                     "loc": len(b.loc), "extra": len(b.extra), "file": "entities.json"},
+        "images": {"renders": len(keys), "files": sum(len(v) for v in b.renders.values()),
+                   "size": cfg.image_size},
+        "vocabulary": {
+            "shapes": list(SHAPES), "colors": {k: list(v) for k, v in COLORS.items()},
+            "backgrounds": list(COLORS), "counts": [str(c) for c in COUNTS],
+            "patterns": list(PATTERNS), "cities": b.world.cities, "countries": b.world.countries,
+            "vqa_questions": {k: list(v) for k, v in VQA_QUESTIONS.items()},
+            "caption_prompts": list(CAPTION_PROMPTS),
+            "vlkeb_questions": {k: list(v) for k, v in VLKEB_QUESTIONS.items()},
+            "heldout_paraphrase": "the last entry of every question/prompt list",
+            "text_facts": len(b.facts),
+        },
+    }
+    with open(root / MANIFEST, "w", encoding="utf-8") as f:  # last: marks the world complete
+        json.dump(manifest, f, ensure_ascii=False, indent=1, sort_keys=True)
+        f.write("\n")
+    return manifest
+
+
+def astuple_entity(e: Entity) -> tuple:
+    return (e.idx, e.shape, e.color, e.background, e.count, e.pattern)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def read_manifest(out_dir: os.PathLike | str) -> dict | None:
+    """The world's manifest, or None when ``out_dir`` holds no complete world."""
+    p = Path(out_dir) / MANIFEST
+    try:
+        with open(p, encoding="utf-8") as f:
+            m = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    if m.get("format") != "liveedit-synthetic-world":
+        return None
+    return m
+
+
+def is_complete(out_dir: os.PathLike | str, config: WorldConfig) -> bool:
+    m = read_manifest(out_dir)
+    return (m is not None and m.get("format_version") == FORMAT_VERSION
+            and m.get("config") == asdict(config))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale_tmp(out: Path) -> None:
+    """Remove temporary siblings left by killed generator runs (never a live run's)."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if p.is_dir() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def generate_world(out_dir: os.PathLike | str, config: WorldConfig = WorldConfig(),
+                   workers: int = 2, progress: bool = True) -> Path:
+    """(Re)generate the world into ``out_dir`` atomically and return its path.
+
+    Everything is written into a temporary sibling folder which then replaces ``out_dir``;
+    an interrupted run leaves ``out_dir`` untouched. An existing ``out_dir`` is replaced only
+    if it is empty or holds a world (has a manifest); anything else is an error.
+    """
+    config.validate()
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"world output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and read_manifest(out) is None:
+        raise FileExistsError(
+            f"world output {out} exists, is not empty and holds no {MANIFEST}; "
+            f"refusing to replace it (choose another --out or remove it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    try:
+        _write_world(tmp, config, workers, progress)
+        try:
+            os.replace(tmp, out)  # works when out is missing or an empty directory
+        except OSError:
+            if is_complete(out, config):  # a concurrent run finished the same world first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"synthetic world (seed {config.seed}) written to {out} in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return out
+
+
+def ensure_world(out_dir: os.PathLike | str, seed: int = 0, workers: int = 2,
+                 progress: bool = True, **sizes) -> Path:
+    """Return ``out_dir`` holding the world for ``seed`` (and ``sizes``, see :class:`WorldConfig`),
+    generating it only when no complete world with that configuration is there."""
+    unknown = set(sizes) - {f.name for f in fields(WorldConfig)} - {"seed"}
+    if unknown:
+        raise TypeError(f"unknown world size argument(s) {sorted(unknown)}; expected some of "
+                        f"{[f.name for f in fields(WorldConfig) if f.name != 'seed']}")
+    config = WorldConfig(seed=seed, **sizes)
+    config.validate()
+    out = Path(out_dir).absolute()
+    if is_complete(out, config):
+        return out
+    return generate_world(out, config, workers=workers, progress=progress)
+
+
+def load_dataset(out_dir: os.PathLike | str, name: str) -> tuple[list[dict], Path]:
+    """Records of dataset ``name`` (a key of :data:`DATASET_FILES`) and their image root."""
+    if name not in DATASET_FILES:
+        raise KeyError(f"unknown synthetic dataset {name!r}; known: {sorted(DATASET_FILES)}")
+    rel, root = DATASET_FILES[name]
+    with open(Path(out_dir) / rel, encoding="utf-8") as f:
+        return json.load(f), Path(out_dir) / root
+
+
+def load_pretrain(out_dir: os.PathLike | str, split: str = "train") -> list[dict]:
+    """The pretraining corpus (``split="train"``) or held-out set (``"heldout"``).
+    ``image`` is relative to ``out_dir`` (or None for text-only examples)."""
+    if split not in PRETRAIN_FILES:
+        raise KeyError(f"unknown pretraining split {split!r}; known: {sorted(PRETRAIN_FILES)}")
+    with open(Path(out_dir) / PRETRAIN_FILES[split], encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _with_target(prompt: str, target: str) -> str:
+    return prompt + target if prompt.endswith((" ", "\n", "\t")) else f"{prompt} {target}"
+
+
+def iter_text_corpus(out_dir: os.PathLike | str) -> Iterator[str]:
+    """Every text of the world (may repeat): prompts, targets, full "prompt target" strings of
+    the pretraining corpus and held-out set, every string field of every dataset record
+    (``alt`` included) in the evaluation's prompt formats, and the answer vocabulary."""
+    out = Path(out_dir)
+    m = read_manifest(out)
+    if m is None:
+        raise FileNotFoundError(f"no complete synthetic world in {out} (missing {MANIFEST})")
+    voc = m["vocabulary"]
+    yield from voc["shapes"]
+    yield from SHAPE_PLURALS.values()
+    yield from voc["backgrounds"]
+    yield from voc["counts"]
+    yield from voc["patterns"]
+    yield from voc["cities"].values()
+    yield from voc["countries"].values()
+    for f in text_facts():
+        yield f.answer
+        for q in f.questions:
+            yield _with_target(f"{NQ_PREFIX}{q}?", f.answer)
+            yield _with_target(f"{q}?", f.answer)
+    for split in PRETRAIN_FILES:
+        for ex in load_pretrain(out, split):
+            yield ex["prompt"]
+            yield ex["target"]
+            yield _with_target(ex["prompt"], ex["target"])
+    for name in DATASET_FILES:
+        recs, _ = load_dataset(out, name)
+        vqa_style = name.startswith("evqa")
+        for r in recs:
+            for key in ("src", "rephrase", "pred", "alt", "loc", "loc_ans", "m_loc_q", "m_loc_a"):
+                yield r[key]
+            for q in (r["src"], r["rephrase"]):
+                prompt = q + VQA_SUFFIX if vqa_style else q
+                yield _with_target(prompt, r["alt"])
+                yield _with_target(prompt, r["pred"])
+            yield _with_target(r["loc"] + "?", r["loc_ans"])
+            yield _with_target(r["m_loc_q"] + VQA_SUFFIX, r["m_loc_a"])
+
+
+def text_corpus(out_dir: os.PathLike | str) -> list[str]:
+    """:func:`iter_text_corpus` without duplicates, in first-seen order (for BPE training)."""
+    return list(dict.fromkeys(iter_text_corpus(out_dir)))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    d = WorldConfig()
+    p = argparse.ArgumentParser(prog="python -m synthetic.world",
+                                description="Generate the synthetic visual world (SYNTH-EVQA, "
+                                            "SYNTH-EIC, SYNTH-VLKEB and a pretraining corpus).")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default="data/synthetic", help="output folder (default data/synthetic)")
+    p.add_argument("--n_train", type=int, default=d.n_train, help="train records per dataset")
+    p.add_argument("--n_eval", type=int, default=d.n_eval, help="eval records per dataset")
+    p.add_argument("--n_loc", type=int, default=d.n_loc, help="entities in the m_loc pool")
+    p.add_argument("--pretrain_renders", type=int, default=d.pretrain_renders,
+                   help="pretraining renders per entity")
+    p.add_argument("--extra_entities", type=int, default=d.extra_entities,
+                   help="non-dataset entities with pretraining renders (-1: all)")
+    p.add_argument("--n_heldout_renders", type=int, default=d.n_heldout_renders,
+                   help="dataset renders sampled into pretrain/heldout.json")
+    p.add_argument("--image_size", type=int, default=d.image_size, help="image side in pixels")
+    p.add_argument("--workers", type=int, default=2, help="rendering processes")
+    p.add_argument("--force", action="store_true", help="regenerate even if the world is complete")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parse_args(argv)
+    cfg = WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval, n_loc=a.n_loc,
+                      pretrain_renders=a.pretrain_renders, extra_entities=a.extra_entities,
+                      n_heldout_renders=a.n_heldout_renders, image_size=a.image_size)
+    t0 = time.perf_counter()
+    try:
+        cfg.validate()
+        if not a.force and is_complete(a.out, cfg):
+            print(f"synthetic world already complete in {Path(a.out).absolute()}; nothing to do")
+            return 0
+        out = generate_world(a.out, cfg, workers=a.workers, progress=not a.quiet)
+    except (ValueError, TypeError, FileExistsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = read_manifest(out)
+    counts = ", ".join(f"{k} {v['records']}" for k, v in m["datasets"].items())
+    print(f"{out}: {counts}; pretrain {m['pretrain']['train']['examples']} examples, heldout "
+          f"{m['pretrain']['heldout']['examples']}; {m['images']['files']} image files; "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random models of the three backbone classes, saved and loaded back through
+the same ``from_pretrained`` path as real weights, and a few small images."""
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backbones import BACKBONES  # noqa: E402
+from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer  # noqa: E402
+
+CORPUS = ["What color is the shape? The answer is: red", "What shape is it? The answer is: circle",
+          "a photo of a blue circle on a green background", "nq question: who rules zorbia? Queen Quell",
+          "###Human: USER: ASSISTANT: ###Assistant: describe the image"] * 20
+FAMILY_NAMES = {"blip2": "tiny-blip2", "llava": "tiny-llava", "minigpt4": "tiny-minigpt4"}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """family -> folder of a saved tiny random model (model, tokenizer, processor)."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = train_tokenizer(CORPUS, vocab_size=400)
+    size = TinySize(hidden=64, layers=4, heads=4, vision_layers=2, qformer_layers=1, num_query_tokens=4)
+    return {fam: save_tiny(build_tiny_model(fam, tok, size, seed=1), fam, tok, size, root / fam)
+            for fam in FAMILY_NAMES}
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_dirs):
+    cache = {}
+
+    def load(family):
+        if family not in cache:
+            name = FAMILY_NAMES[family]
+            cache[family] = BACKBONES.get(name).load(name, tiny_dirs[family])
+        return cache[family]
+    return load
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("img")
+    paths = []
+    for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (40, 60, 230)]):
+        im = Image.new("RGB", (48, 40), colour)
+        for x in range(10 + 5 * i, 30):
+            for y in range(8, 28):
+                im.putpixel((x, y), (255 - colour[0], 255, 255 - colour[2]))
+        p = root / f"im{i}.png"
+        im.save(p)
+        paths.append(str(p))
+    return paths

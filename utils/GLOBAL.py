@@ -1,0 +1,33 @@
+"""Where things live. Edit ``model_path_map`` to point at your local Hugging Face weights.
+
+Every script also takes ``--model_path`` / ``--data_dir`` / ``--records_dir``, so a scripted run
+never needs this file edited.
+"""
+from pathlib import Path
+
+ROOT_PATH = Path(__file__).resolve().parent.parent
+
+DATA_DIR = ROOT_PATH / "data"
+RECORDS_DIR = ROOT_PATH / "records"
+# Everything the embedded default generates (synthetic world, tiny backbones) lives here.
+SYNTHETIC_DIR = DATA_DIR / "synthetic"
+
+# Full backbone name -> local folder holding a Hugging Face checkpoint (config, weights, processor).
+model_path_map = {
+    # >>> EDIT THESE placeholder paths to your local copies of the real weights <<<
+    "blip2-opt-2.7b": str(ROOT_PATH / "hugging_cache" / "blip2-opt-2.7b"),
+    "llava-v1.5-7b": str(ROOT_PATH / "hugging_cache" / "llava-1.5-7b-hf"),
+    # built with scripts/convert_minigpt4.py from the original MiniGPT-4 release
+    "minigpt-4-vicuna-7b": str(ROOT_PATH / "hugging_cache" / "minigpt-4-vicuna-7b-hf"),
+    # Tiny backbones pretrained by the project itself on the synthetic world (built on first use).
+    "tiny-blip2": str(SYNTHETIC_DIR / "backbones" / "tiny-blip2"),
+    "tiny-llava": str(SYNTHETIC_DIR / "backbones" / "tiny-llava"),
+    "tiny-minigpt4": str(SYNTHETIC_DIR / "backbones" / "tiny-minigpt4"),
+}
+
+# Short names users type on the command line.
+model_aliases = {
+    "blip2": "blip2-opt-2.7b",
+    "llava": "llava-v1.5-7b",
+    "minigpt4": "minigpt-4-vicuna-7b",
+}
