@@ -1,0 +1,67 @@
+"""The shared editor base. An editor wraps a frozen backbone and offers:
+
+- ``edit(request)``: one lifelong editing step (requests arrive one at a time, never revisited);
+- ``restore()``: back to the unedited model, exactly;
+- ``layer_edits()``: what the editor applies to decoder-layer outputs during a forward (memory-based
+  editors such as LiveEdit route here; weight-editing editors return ``{}``);
+- for trainable editors: ``trainable_parameters()`` and ``training_losses(records)`` for the shared
+  training loop, and ``load_checkpoint``;
+- optionally ``save_state`` / ``load_state`` of what the edits produced.
+"""
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from backbones.base import LayerEdit, VLBackbone, VLBatch
+from utils.errors import UserError
+from vl_datasets.records import EditRecord, Sample
+
+
+class BaseEditor:
+    name = "base"
+    config_class = None      # dataclass loaded from configs/<editor>/<backbone>.yaml
+    trainable = False        # True: train_vllm_editor.py can train it and -ckpt loads its weights
+
+    def __init__(self, backbone: VLBackbone, config):
+        self.backbone = backbone
+        self.config = config
+        self.n_edits = 0
+
+    # ---- lifelong editing -------------------------------------------------------------------
+    def edit(self, request: Sample) -> None:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    def layer_edits(self) -> dict[int, LayerEdit]:
+        return {}
+
+    # ---- inference through the edited model ------------------------------------------------------
+    def logits(self, batch: VLBatch) -> torch.Tensor:
+        return self.backbone.logits(batch, self.layer_edits())
+
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[list[int]]:
+        return self.backbone.generate(samples, max_new_tokens, self.layer_edits())
+
+    # ---- training (trainable editors) -----------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def training_losses(self, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
+        """Loss terms for a batch of training records (each already weighted); the loop sums them."""
+        raise UserError(f"editor {self.name!r} is not trainable")
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise UserError(f"editor {self.name!r} has no trained weights to load")
+
+    # ---- edited state across processes ---------------------------------------------------------
+    def save_state(self, directory: Path) -> None:
+        raise UserError(f"editor {self.name!r} cannot save its edited state")
+
+    def load_state(self, directory: Path) -> None:
+        raise UserError(f"editor {self.name!r} cannot load an edited state")

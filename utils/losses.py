@@ -1,0 +1,47 @@
+"""Token-level losses and scores, written once. ``labels`` are unshifted ([B, L], IGNORE outside the
+target, as in ``VLBatch``): the logit at position t predicts the token at t+1."""
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor):
+    """-> (logits [B, L-1, V] at predicting positions, labels [B, L-1], mask [B, L-1])."""
+    labels = labels[:, 1:]
+    return logits[:, :-1], labels, labels != IGNORE
+
+
+def masked_nll(logits, labels) -> torch.Tensor:
+    """Mean token negative log-likelihood of the targets (over all target tokens of the batch)."""
+    lg, lb, mask = shift(logits, labels)
+    nll = F.cross_entropy(lg.float().transpose(1, 2), lb.clamp(min=0), reduction="none")
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_kl(logits, ref_logits, labels) -> torch.Tensor:
+    """KL(ref || new) of the token distributions at the target positions, mean over tokens."""
+    lg, lb, mask = shift(logits, labels)
+    ref = shift(ref_logits, labels)[0]
+    kl = F.kl_div(lg.float().log_softmax(-1), ref.float().log_softmax(-1), log_target=True,
+                  reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def target_predictions(logits, labels) -> list[torch.Tensor]:
+    """Per sample, the argmax token at each target position (teacher forced)."""
+    lg, _, mask = shift(logits, labels)
+    pred = lg.argmax(-1)
+    return [pred[b][mask[b]] for b in range(pred.shape[0])]
+
+
+def target_ids(labels) -> list[torch.Tensor]:
+    lb = labels[:, 1:]
+    return [lb[b][lb[b] != IGNORE] for b in range(lb.shape[0])]
+
+
+def token_accuracy(logits, labels) -> torch.Tensor:
+    """Per-sample teacher-forced token accuracy of the targets, [B] in [0, 1]."""
+    lg, lb, mask = shift(logits, labels)
+    hit = (lg.argmax(-1) == lb) & mask
+    return hit.sum(1).float() / mask.sum(1).clamp(min=1).float()
