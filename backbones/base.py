@@ -8,6 +8,7 @@ recompute the frozen bottom half).
 Family wrappers (``blip2.py``, ``llava.py``, ``minigpt4.py``) only say how a prompt is templated,
 how images become embeddings, and which decoder stack (``stacks.py``) the LLM is.
 """
+import functools
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
 
@@ -69,6 +70,7 @@ class VLBackbone:
         self.stack = stack
         self.n_vision_tokens = n_vision_tokens
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self._tokenize_cached = functools.lru_cache(maxsize=1 << 16)(self._tokenize)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.model.eval()
@@ -119,6 +121,10 @@ class VLBackbone:
         return pv.to(self.device, self.dtype)
 
     def tokenize(self, prompt: str, has_image: bool, target: str | None):
+        """Cached ``_tokenize``: prompts and targets repeat a lot in training and evaluation."""
+        return self._tokenize_cached(prompt, has_image, target)
+
+    def _tokenize(self, prompt: str, has_image: bool, target: str | None):
         """Token ids of the sample and the number of them that are context (the rest is target).
 
         The target gets a leading space when the prompt does not end in whitespace. Prompt and
@@ -129,25 +135,29 @@ class VLBackbone:
         prefix = self.prefix_ids(has_image)
         context = self.tokenizer(text.rstrip(), add_special_tokens=True)["input_ids"]
         if target is None:
-            return prefix + context, len(prefix) + len(context)
+            return tuple(prefix + context), len(prefix) + len(context)
         sep = "" if text[-1:].isspace() else " "
         full = self.tokenizer(text + sep + target, add_special_tokens=True)["input_ids"]
         n = common_prefix_len(context, full)
         if n == len(full):
             raise ValueError(f"target {target!r} adds no token after prompt {prompt!r}")
-        return prefix + full, len(prefix) + n
+        return tuple(prefix + full), len(prefix) + n
 
     def encode(self, samples: Sequence[Sample], with_targets: bool = True) -> VLBatch:
         """Encode samples into one right-padded batch (images opened here, lazily)."""
-        rows, ctx_lens = [], []
-        for s in samples:
-            ids, n_ctx = self.tokenize(s.prompt, s.image is not None, s.target if with_targets else None)
-            rows.append(ids)
-            ctx_lens.append(n_ctx)
-        B, L = len(rows), max(len(r) for r in rows)
+        rows = [self.tokenize(s.prompt, s.image is not None, s.target if with_targets else None)
+                for s in samples]
+        paths = [s.image for s in samples if s.image is not None]
+        pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
+        return self.collate(samples, rows, pixels)
+
+    def collate(self, samples: Sequence[Sample], rows, pixel_values=None) -> VLBatch:
+        """Pad tokenized ``rows`` (from ``tokenize``) into a batch and insert the image features of
+        ``pixel_values`` (one image per sample that has one, in order)."""
+        B, L = len(rows), max(len(ids) for ids, _ in rows)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(B, L, dtype=torch.long)
-        for b, ids in enumerate(rows):
+        for b, (ids, _) in enumerate(rows):
             input_ids[b, :len(ids)] = torch.tensor(ids)
             attention_mask[b, :len(ids)] = 1
         is_vision = (input_ids == self.image_token_id) & attention_mask.bool()
@@ -163,7 +173,7 @@ class VLBackbone:
                                  f"found {len(pos)} for prompt {s.prompt!r}")
             vision_range[b] = torch.stack([pos[0], pos[-1] + 1])
         lengths = attention_mask.sum(1)
-        ctx = torch.tensor(ctx_lens)
+        ctx = torch.tensor([n_ctx for _, n_ctx in rows])
         prompt_start = torch.where(vision_range[:, 1] > 0, vision_range[:, 1], torch.zeros_like(ctx))
         prompt_range = torch.stack([prompt_start, ctx], 1)
         target_range = torch.stack([ctx, lengths], 1)
@@ -173,9 +183,8 @@ class VLBackbone:
 
         input_ids = input_ids.to(self.device)
         embeds = self.model.get_input_embeddings()(input_ids)
-        with_image = [s.image for s in samples if s.image is not None]
-        if with_image:
-            feats = self.image_features(self.pixel_values([open_image(p) for p in with_image]))
+        if pixel_values is not None:
+            feats = self.image_features(pixel_values.to(self.device, self.dtype))
             mask = is_vision.to(embeds.device)[..., None].expand_as(embeds)
             embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
         return VLBatch(input_ids, embeds, attention_mask.to(self.device), labels.to(self.device),
