@@ -12,9 +12,9 @@ An *entity* is a picture described by five attributes:
 * ``background`` the background colour, also one of :data:`COLORS` (never the shape colour, and
                  only pairs with enough contrast, see :data:`MIN_CONTRAST`),
 * ``count``      1, 2 or 3 copies of the shape,
-* ``pattern``    ``solid`` or ``striped`` (stripes cut out of the shape, showing the background).
+* ``pattern``    ``solid`` or ``striped`` (diagonal stripes in a darker or lighter shade of the colour).
 
-That gives 4,704 entities. Every entity has any number of *renders*: render ``k`` of entity ``e``
+That gives 4,608 entities. Every entity has any number of *renders*: render ``k`` of entity ``e``
 is a deterministic function of ``(seed, e, k)`` (position, layout rotation, scale, small rotation,
 colour shift and pixel noise vary). Renders ``k = 0`` and ``k = 1`` are reserved for the datasets
 (``image`` / ``m_loc`` and ``image_rephrase``); renders ``k >= 2`` are pretraining renders.
@@ -56,6 +56,13 @@ also carry ``"heldout": "render" | "paraphrase" | "render+paraphrase"``. Prompts
 the evaluation's task format (``"{question} The answer is:"`` for VQA, ``"{loc}?"`` for text,
 ``src`` as is for captions / VLKEB); targets have no leading space (add one when the prompt does
 not end in whitespace). Text facts are < 1% of ``train.json``: oversample ``kind == "text"``.
+
+Default sizes (seed 0): 2,000 train / 1,000 eval records per dataset, an m_loc pool of 500
+entities, 2 pretraining renders for each of the 4,608 entities: ~139k pretraining examples
+(19 MB), ~16k held-out examples, ~22k PNG files (64x64 RGB, ~110 MB). Each dataset's train and
+eval records use one distinct entity per record. For extra image augmentation while
+pretraining, :func:`render_entity` with ``k >= 2 + pretrain_renders`` gives fresh renders that
+are never dataset images.
 """
 
 from __future__ import annotations
@@ -83,7 +90,7 @@ try:  # tqdm is optional: progress output only
 except ImportError:  # pragma: no cover
     _tqdm = None
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # bump whenever the generated content changes: stale worlds are regenerated
 MANIFEST = "world.json"
 
 RECORD_KEYS = (
@@ -391,7 +398,8 @@ def caption(e: Entity) -> str:
     words = f"{adj}{e.color} {noun}"
     if det == "a" and words[0] in "aeiou":
         det = "an"
-    return f"{det} {words} on a {e.background} background"
+    bg_det = "an" if e.background[0] in "aeiou" else "a"
+    return f"{det} {words} on {bg_det} {e.background} background"
 
 
 def vlkeb_answer(world: World, e: Entity, qtype: str) -> str:
@@ -435,10 +443,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
             ri = r * 0.52
             draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=0)
         elif shape == "crescent":
-            ox, oy = 0.45 * r, -0.25 * r
+            ox, oy = 0.5 * r, -0.2 * r
             c, s = math.cos(rot), math.sin(rot)
             ox, oy = c * ox - s * oy, s * ox + c * oy
-            ri = r * 0.85
+            ri = r * 0.75
             draw.ellipse((cx + ox - ri, cy + oy - ri, cx + ox + ri, cy + oy + ri), fill=0)
         return
     c, s = math.cos(rot), math.sin(rot)
@@ -476,16 +484,24 @@ def render_entity(e: Entity, k: int, seed: int, size: int = 64) -> Image.Image:
         rot = math.radians(rng.uniform(-12, 12))
         _draw_shape(draw, e.shape, cx, cy, r, rot)
     m = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
-    if e.pattern == "striped":
-        period = size / 6.4  # 10 px at 64 px, 5 px at 32 px
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        diag = rng.choice([-1.0, 1.0])
-        phase = rng.uniform(0, period)
-        stripe = ((xx + diag * yy + phase) % period) < (period / 2)
-        m = m * np.where(stripe, 0.0, 1.0).astype(np.float32)
     fg = np.clip(np.array(COLORS[e.color], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
     bg = np.clip(np.array(COLORS[e.background], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
     img = bg[None, None, :] * (1 - m[..., None]) + fg[None, None, :] * m[..., None]
+    if e.pattern == "striped":
+        # Diagonal stripes in a darker or lighter shade of the shape colour (whichever stands
+        # out more from both the shape and the background), so the silhouette stays intact.
+        period = size / 5.3  # 12 px at 64 px, 6 px at 32 px
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        diag = rng.choice([-1.0, 1.0])
+        phase = rng.uniform(0, period)
+        stripe = (((xx + diag * yy + phase) % period) < (0.42 * period)).astype(np.float32)
+        base = np.array(COLORS[e.color], np.float32)
+        cands = [base * 0.4, base + 0.7 * (255 - base)]
+        ref_bg = np.array(COLORS[e.background], np.float32)
+        score = [min(np.linalg.norm(c - base), np.linalg.norm(c - ref_bg)) for c in cands]
+        shade = cands[int(np.argmax(score))] + (fg - base)
+        sm = (m * stripe)[..., None]
+        img = img * (1 - sm) + np.clip(shade, 0, 255)[None, None, :] * sm
     # Luminance noise on a half-resolution grid: variation without bloating the PNGs.
     half = max(size // 2, 1)
     noise = rng.normal(0.0, 5.0, (half, half, 1)).astype(np.float32)
@@ -532,6 +548,8 @@ class WorldConfig:
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"WorldConfig.{f.name} must be an int, got {v!r}")
+        if self.seed < 0:
+            raise ValueError(f"WorldConfig.seed must be >= 0, got {self.seed}")
         for name in ("n_train", "n_eval", "n_loc", "pretrain_renders"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -547,7 +565,7 @@ def _split_universe(cfg: WorldConfig, n_total: int, rng: random.Random):
     """Shuffled entity indices -> (train, eval, loc, extra) pools, pairwise disjoint."""
     order = list(range(n_total))
     rng.shuffle(order)
-    n_loc = min(cfg.n_loc, max(1, n_total // 10))
+    n_loc = min(cfg.n_loc, max(1, n_total // 4))
     rest = n_total - n_loc
     if cfg.n_train + cfg.n_eval <= rest:
         n_tr, n_ev = cfg.n_train, cfg.n_eval
@@ -811,7 +829,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
         (root / d).mkdir(parents=True, exist_ok=True)
     tasks = [(astuple_entity(b.ents[i]), k, [str(root / p) for p in b.renders[(i, k)]])
              for i, k in keys]
-    chunk = 200
+    chunk = max(1, min(200, math.ceil(len(tasks) / (4 * max(workers, 1)))))
     chunks = [(cfg.seed, cfg.image_size, tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
     bar = (_tqdm(total=len(tasks), desc="render", unit="img", file=sys.stderr, mininterval=0.5)
            if progress and _tqdm is not None else None)

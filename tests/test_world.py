@@ -1,0 +1,307 @@
+"""Tests of the synthetic world generator (small worlds, a few seconds in all)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthetic import world as W
+
+SMALL = dict(n_train=14, n_eval=7, n_loc=4, pretrain_renders=1, extra_entities=3,
+             n_heldout_renders=4)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _eid(path: str) -> str:
+    """Entity id of an image path of either layout (``eval/e0123_0.png``, ``e0123/render_0.png``)."""
+    parts = path.split("/")
+    return parts[0] if parts[-1].startswith("render_") else parts[-1].split("_")[0]
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "synthetic"
+    return W.ensure_world(out, seed=0, workers=1, progress=False, **SMALL)
+
+
+def _datasets(root: Path):
+    for name in W.DATASET_FILES:
+        recs, img_root = W.load_dataset(root, name)
+        yield name, recs, img_root
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_is_byte_identical(small_world, tmp_path):
+    # the second world uses a process pool: output must not depend on the worker count
+    again = W.generate_world(tmp_path / "again", W.WorldConfig(seed=0, **SMALL), workers=2,
+                             progress=False)
+    a, b = _tree(small_world), _tree(again)
+    assert sorted(a) == sorted(b)
+    assert any(k.endswith(".png") for k in a) and any(k.endswith(".json") for k in a)
+    diff = [k for k in a if a[k] != b[k]]
+    assert diff == []
+
+
+def test_other_seed_gives_other_world(small_world, tmp_path):
+    other = W.generate_world(tmp_path / "seed1", W.WorldConfig(seed=1, **SMALL), workers=1,
+                             progress=False)
+    for rel, _ in W.DATASET_FILES.values():
+        assert (small_world / rel).read_bytes() != (other / rel).read_bytes(), rel
+    e = W.build_world(0).entities[5]
+    assert W.render_entity(e, 3, seed=0).tobytes() != W.render_entity(e, 3, seed=1).tobytes()
+    assert W.build_world(0).cities != W.build_world(1).cities
+
+
+def test_renders_differ_and_are_deterministic():
+    e = W.build_world(0).entities[123]
+    r0, r1 = W.render_entity(e, 0, 0), W.render_entity(e, 1, 0)
+    assert r0.size == (64, 64) and r0.mode == "RGB"
+    assert r0.tobytes() == W.render_entity(e, 0, 0).tobytes()
+    assert r0.tobytes() != r1.tobytes()  # a rephrased image is another render
+
+
+def test_png_has_no_metadata(small_world):
+    png = next((small_world / "easy-edit-mm/images/train").glob("*.png"))
+    data = png.read_bytes()
+    for chunk in (b"tIME", b"tEXt", b"iTXt", b"zTXt"):
+        assert chunk not in data
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def test_schema_and_paths(small_world):
+    sizes = {"train": SMALL["n_train"], "eval": SMALL["n_eval"]}
+    for name, recs, img_root in _datasets(small_world):
+        assert len(recs) == sizes[name.split("_")[1]], name
+        for r in recs:
+            assert tuple(sorted(r)) == tuple(sorted(W.RECORD_KEYS)), (name, r)
+            for key in W.RECORD_KEYS:
+                assert isinstance(r[key], str) and r[key].strip() == r[key] and r[key], (name, key)
+            for key in ("image", "image_rephrase", "m_loc"):
+                assert (img_root / r[key]).is_file(), (name, key, r[key])
+                assert not r[key].startswith("/")
+            assert r["alt"] != r["pred"], (name, r)
+            assert r["src"] != r["rephrase"], (name, r)
+            assert r["image"] != r["image_rephrase"]
+            assert _eid(r["image"]) == _eid(r["image_rephrase"])  # same content, another render
+            assert _eid(r["m_loc"]) != _eid(r["image"])
+            if name.startswith("vlkeb"):
+                assert not r["loc"].startswith("nq question:")
+            else:
+                assert r["loc"].startswith("nq question: ")
+            assert not r["loc"].endswith("?")
+
+
+def test_layout_matches_real_data(small_world):
+    assert (small_world / "easy-edit-mm/vqa/vqa_train.json").is_file()
+    assert (small_world / "easy-edit-mm/vqa/vqa_eval.json").is_file()
+    assert (small_world / "easy-edit-mm/caption/caption_train_edit.json").is_file()
+    assert (small_world / "easy-edit-mm/caption/caption_eval_edit.json").is_file()
+    assert (small_world / "VLKEB/train.json").is_file() and (small_world / "VLKEB/eval.json").is_file()
+    recs, _ = W.load_dataset(small_world, "vlkeb_train")
+    assert all(r["image"].split("/")[1].startswith("render_") for r in recs)
+    assert (small_world / "VLKEB/mmkb_images" / recs[0]["image"]).is_file()
+    m = W.read_manifest(small_world)
+    assert m["seed"] == 0 and m["config"]["n_train"] == SMALL["n_train"]
+
+
+def test_real_schema_sample_keys_match():
+    samples = Path("/work/shared/data/schema-samples")
+    if not samples.is_dir():
+        pytest.skip("no schema samples on this machine")
+    for f in samples.glob("*.json"):
+        for r in json.loads(f.read_text()):
+            assert set(r) == set(W.RECORD_KEYS), f
+
+
+def test_train_eval_entities_disjoint(small_world):
+    train_ids, eval_ids, loc_ids = set(), set(), set()
+    for name, recs, _ in _datasets(small_world):
+        ids = [_eid(r["image"]) for r in recs]
+        (train_ids if name.endswith("train") else eval_ids).update(ids)
+        loc_ids.update(_eid(r["m_loc"]) for r in recs)
+        # one distinct entity per record within a split (the pools are large enough here)
+        assert len(set(ids)) == len(ids), name
+    assert train_ids and eval_ids
+    assert not train_ids & eval_ids
+    assert not loc_ids & (train_ids | eval_ids)  # m_loc images are never edited
+
+
+def test_answers_true_and_alt_plausible(small_world):
+    ents = {e["id"]: e for e in json.loads((small_world / "entities.json").read_text())}
+    recs, _ = W.load_dataset(small_world, "evqa_eval")
+    for r in recs:
+        e = ents[_eid(r["image"])]
+        qtype = next(t for t, qs in W.VQA_QUESTIONS.items() if r["src"] in qs)
+        assert r["rephrase"] in W.VQA_QUESTIONS[qtype][:-1]
+        assert r["pred"] == str(e[qtype if qtype != "background" else "background"])
+        assert r["alt"] in W.vqa_values(qtype)
+        if qtype in ("color", "background"):
+            assert r["alt"] not in (e["color"], e["background"])
+        le = ents[_eid(r["m_loc"])]
+        mtype = next(t for t, qs in W.VQA_QUESTIONS.items() if r["m_loc_q"] in qs)
+        assert r["m_loc_a"] == str(le[mtype])
+    recs, _ = W.load_dataset(small_world, "eic_train")
+    for r in recs:
+        assert r["pred"] == ents[_eid(r["image"])]["caption"]
+        assert r["alt"] in {e["caption"] for e in ents.values()}
+    recs, _ = W.load_dataset(small_world, "vlkeb_eval")
+    cities = {e["city"] for e in ents.values()}
+    countries = {e["country"] for e in ents.values()}
+    for r in recs:
+        e = ents[_eid(r["image"])]
+        assert r["pred"] in (e["city"], e["country"])
+        assert r["alt"] in (cities if r["pred"] == e["city"] else countries)
+    facts = {f.questions[0]: f.answer for f in W.text_facts()}
+    for name, recs, _ in _datasets(small_world):
+        for r in recs:
+            q = r["loc"].removeprefix("nq question: ")
+            assert facts[q] == r["loc_ans"]
+
+
+def test_render_shows_its_colours():
+    world = W.build_world(0)
+    for e in world.entities[::397]:
+        arr = np.asarray(W.render_entity(e, 0, 0), dtype=np.float32)
+        corners = np.concatenate([arr[:3, :3].reshape(-1, 3), arr[-3:, -3:].reshape(-1, 3)])
+        assert np.linalg.norm(corners.mean(0) - W.COLORS[e.background]) < 30, e
+        fg_dist = np.linalg.norm(arr - np.array(W.COLORS[e.color]), axis=-1)
+        assert (fg_dist < 30).sum() > 40, e  # the shape's colour is there
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def test_pretrain_corpus(small_world):
+    train = W.load_pretrain(small_world, "train")
+    held = W.load_pretrain(small_world, "heldout")
+    dataset_images = set()
+    for name, recs, img_root in _datasets(small_world):
+        for r in recs:
+            for key in ("image", "image_rephrase", "m_loc"):
+                dataset_images.add((img_root / r[key]).relative_to(small_world).as_posix())
+    for split, exs in (("train", train), ("heldout", held)):
+        assert {ex["kind"] for ex in exs} == {"vqa", "caption", "vlkeb", "text"}, split
+        for ex in exs:
+            assert ex["target"] and not ex["target"].startswith(" "), ex
+            if ex["kind"] == "text":
+                assert ex["image"] is None and ex["prompt"].endswith("?")
+            else:
+                assert (small_world / ex["image"]).is_file(), ex
+            if ex["kind"] == "vqa":
+                assert ex["prompt"].endswith(" The answer is:")
+    # pretraining renders are never dataset renders (compared by content); held-out renders are
+    def content(paths):
+        return {(small_world / p).read_bytes() for p in paths}
+
+    pretrain_images = {ex["image"] for ex in train if ex["image"]}
+    assert not content(pretrain_images) & content(dataset_images)
+    render_held = {ex["image"] for ex in held if ex["heldout"].startswith("render")}
+    assert render_held and render_held <= dataset_images
+    # held-out paraphrases never occur in the pretraining corpus
+    heldout_prompts = {ex["prompt"] for ex in held if "paraphrase" in ex["heldout"]}
+    assert heldout_prompts and not heldout_prompts & {ex["prompt"] for ex in train}
+    # every text fact is in the corpus, with and without the "nq question: " prefix
+    prompts = {ex["prompt"] for ex in train}
+    for f in W.text_facts():
+        assert f"nq question: {f.questions[0]}?" in prompts and f"{f.questions[0]}?" in prompts
+
+
+def test_dataset_questions_seen_in_pretraining(small_world):
+    prompts = {ex["prompt"] for ex in W.load_pretrain(small_world, "train")}
+    for name, recs, _ in _datasets(small_world):
+        for r in recs:
+            for q in (r["src"], r["rephrase"]):
+                assert (q + " The answer is:" if name.startswith("evqa") else q) in prompts
+
+
+def test_text_corpus_covers_everything(small_world):
+    corpus = W.text_corpus(small_world)
+    assert len(corpus) == len(set(corpus))
+    text = "\n".join(corpus)
+    for name, recs, _ in _datasets(small_world):
+        for r in recs:
+            for key in ("alt", "pred", "src", "rephrase", "loc_ans", "m_loc_q", "m_loc_a"):
+                assert r[key] in text
+    for city in W.build_world(0).cities.values():
+        assert city in corpus
+
+
+# ----------------------------------------------------------------------------- ensure_world
+
+
+def test_ensure_world_reuses_complete_world(small_world, monkeypatch):
+    before = {p: p.stat().st_mtime_ns for p in small_world.rglob("*.json")}
+
+    def boom(*a, **k):
+        raise AssertionError("the world was regenerated")
+
+    monkeypatch.setattr(W, "_write_world", boom)
+    assert W.ensure_world(small_world, seed=0, progress=False, **SMALL) == small_world
+    assert {p: p.stat().st_mtime_ns for p in small_world.rglob("*.json")} == before
+    with pytest.raises(AssertionError, match="regenerated"):  # another config does regenerate
+        W.ensure_world(small_world, seed=0, progress=False, **{**SMALL, "n_eval": 5})
+    assert W.is_complete(small_world, W.WorldConfig(seed=0, **SMALL))
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "w"
+    real = W._dump_lines
+
+    def fail_late(path, records):
+        if Path(path).name == "heldout.json":
+            raise KeyboardInterrupt("simulated interruption")
+        return real(path, records)
+
+    monkeypatch.setattr(W, "_dump_lines", fail_late)
+    with pytest.raises(KeyboardInterrupt):
+        W.ensure_world(out, seed=0, workers=1, progress=False, **SMALL)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary sibling left either
+    monkeypatch.setattr(W, "_dump_lines", real)
+    W.ensure_world(out, seed=0, workers=1, progress=False, **SMALL)
+    assert W.read_manifest(out) is not None
+
+
+def test_stale_world_is_replaced_and_foreign_dir_refused(tmp_path):
+    out = tmp_path / "w"
+    W.ensure_world(out, seed=1, workers=1, progress=False, **SMALL)
+    W.ensure_world(out, seed=0, workers=1, progress=False, **SMALL)
+    assert W.read_manifest(out)["seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError):
+        W.ensure_world(foreign, seed=0, workers=1, progress=False, **SMALL)
+    assert (foreign / "keep.txt").read_text() == "user data"
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="n_trian"):
+        W.ensure_world("/nonexistent/never", n_trian=3)
+    with pytest.raises(ValueError, match="n_eval"):
+        W.WorldConfig(n_eval=0).validate()
+
+
+def test_cli(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "w"), "--n_train", "6", "--n_eval", "3", "--n_loc", "2",
+            "--pretrain_renders", "1", "--extra_entities", "0", "--n_heldout_renders", "2",
+            "--workers", "1", "--quiet"]
+    assert W.main(args) == 0
+    assert "vlkeb_eval 3" in capsys.readouterr().out
+    assert W.main(args) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert W.main(args[:2] + ["--n_eval", "0"]) == 2
