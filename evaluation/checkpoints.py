@@ -1,0 +1,129 @@
+"""Which editor and backbone a checkpoint belongs to, checked in one place.
+
+A checkpoint is what ``train_vllm_editor.py`` writes (``training/checkpoint.py``: a folder
+``.../checkpoints/step_<N>/`` holding ``trainable.safetensors``, or its run folder, meaning the latest
+step), or any safetensors file, or a folder holding one. Its owner is read from the safetensors metadata keys ``editor`` and ``backbone`` or, failing that,
+from a ``config.yaml`` beside the weights that names them (top-level keys ``editor`` / ``backbone``,
+or ``editor_name`` / ``edit_model_name``, possibly one level down, e.g. under ``run:``).
+The training side writes the metadata with :func:`checkpoint_metadata`.
+"""
+from pathlib import Path
+
+import yaml
+
+from utils.errors import UserError
+
+# In a folder with several weight files, the first of these names that exists is the checkpoint.
+PREFERRED_NAMES = ("checkpoint.safetensors", "editor.safetensors", "model.safetensors", "final.safetensors")
+EDITOR_KEYS = ("editor", "editor_name")
+BACKBONE_KEYS = ("backbone", "edit_model_name")
+
+
+def checkpoint_metadata(editor: str, backbone: str, **extra) -> dict[str, str]:
+    """The safetensors metadata that names a checkpoint's owner (all values strings)."""
+    meta = {"editor": editor, "backbone": backbone}
+    meta.update({k: str(v) for k, v in extra.items()})
+    return meta
+
+
+def _training_layout(path: Path) -> Path | None:
+    """The weights file of a checkpoint in the training loop's layout, if ``path`` is one."""
+    try:
+        from training.checkpoint import WEIGHTS_FILE, resolve_checkpoint
+    except ModuleNotFoundError:
+        return None
+    try:
+        return resolve_checkpoint(path) / WEIGHTS_FILE
+    except UserError:
+        return None
+
+
+def find_weights(path) -> Path:
+    """A checkpoint path (file or folder) -> its safetensors file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    weights = _training_layout(path)
+    if weights is not None:
+        return weights
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise UserError(f"checkpoint {path} is not a .safetensors file")
+        return path
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    for name in PREFERRED_NAMES:
+        if (path / name).is_file():
+            return path / name
+    if not files:
+        raise UserError(f"checkpoint folder {path} holds no .safetensors file")
+    raise UserError(f"checkpoint folder {path} holds several weight files ({', '.join(f.name for f in files)}); "
+                    f"pass one of them with -ckpt")
+
+
+def _pick(mapping: dict, keys) -> str | None:
+    for key in keys:
+        if isinstance(mapping.get(key), str):
+            return mapping[key]
+    return None
+
+
+def _owner_from_config(config: Path):
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read checkpoint config {config}: {e}") from None
+    if not isinstance(data, dict):
+        return None, None
+    candidates = [data] + [v for v in data.values() if isinstance(v, dict)]
+    editor = next((e for e in (_pick(c, EDITOR_KEYS) for c in candidates) if e), None)
+    backbone = next((b for b in (_pick(c, BACKBONE_KEYS) for c in candidates) if b), None)
+    return editor, backbone
+
+
+def checkpoint_owner(path) -> tuple[str, str, Path]:
+    """-> (editor name, backbone name, weights file) of the checkpoint at ``path``."""
+    from safetensors import safe_open
+
+    weights = find_weights(path)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise UserError(f"checkpoint {weights} is not a readable safetensors file ({e})") from None
+    editor, backbone = meta.get("editor"), meta.get("backbone")
+    config = weights.parent / "config.yaml"
+    if (editor is None or backbone is None) and config.is_file():
+        c_editor, c_backbone = _owner_from_config(config)
+        editor, backbone = editor or c_editor, backbone or c_backbone
+    if editor is None or backbone is None:
+        raise UserError(f"cannot tell which editor and backbone checkpoint {weights} belongs to: no safetensors "
+                        f"metadata keys 'editor'/'backbone' and no config.yaml beside it naming them")
+    return editor, backbone, weights
+
+
+def check_checkpoint(path, editor: str, backbone: str) -> Path:
+    """Check that the checkpoint at ``path`` was trained for ``editor`` on ``backbone`` (aliases
+    allowed on both sides); returns its weights file. A mismatch is a UserError naming both."""
+    from backbones import resolve_backbone_name
+
+    owner_editor, owner_backbone, weights = checkpoint_owner(path)
+    try:
+        owner_full = resolve_backbone_name(owner_backbone)
+    except UserError:
+        owner_full = owner_backbone
+    if owner_editor != editor or owner_full != resolve_backbone_name(backbone):
+        raise UserError(f"checkpoint {weights} belongs to editor {owner_editor!r} on backbone {owner_backbone!r}, "
+                        f"not editor {editor!r} on backbone {backbone!r}")
+    return weights
+
+
+def load_checkpoint(editor_obj, weights: Path) -> None:
+    """Load trained weights into an editor (its own ``load_checkpoint`` if it has one)."""
+    if hasattr(editor_obj, "load_checkpoint"):
+        editor_obj.load_checkpoint(weights)
+        return
+    from safetensors.torch import load_file
+
+    editor_obj.load_trainable_state_dict(load_file(str(weights), device="cpu"))

@@ -1,0 +1,211 @@
+"""``test_vllm_edit.py``: lifelong editing evaluation of one editor on one backbone and dataset.
+
+Every check of the user's input happens before anything is written; the run folder is created only
+once the backbone and editor are loaded. See ``evaluation/README.md``.
+"""
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line and exit code 2 (through cli_main), not usage + message
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="test_vllm_edit.py", description="Lifelong (sequential) knowledge editing evaluation.")
+    p.add_argument("-en", "--editor_name", required=True, help="editor, e.g. none, ft-l, liveedit")
+    p.add_argument("-mn", "--edit_model_name", required=True, help="backbone name or alias (blip2, llava, ...)")
+    p.add_argument("-sen", "--sequential_edit_n", type=int, default=None,
+                   help="T: edits per chunk before testing and restoring (required unless --eval_at)")
+    p.add_argument("-enp", "--eval_name_postfix", default="", help="suffix of the dataset folder of this run")
+    p.add_argument("-dvc", "--device", default=None, help="cpu, cuda:N or auto (default: cuda:0 if available)")
+    p.add_argument("-ckpt", "--checkpoint", default=None, help="trained editor checkpoint (file or folder)")
+    p.add_argument("-dn", "--data_name", required=True, help="EVQA, EIC, VLKEB or SYNTH-EVQA/EIC/VLKEB")
+    p.add_argument("-dsn", "--data_sample_n", type=int, default=None, help="use the first N eval records")
+    p.add_argument("--data_dir", default=None, help="data root (default: data/)")
+    p.add_argument("--model_path", default=None, help="backbone folder (default: utils/GLOBAL.py model_path_map)")
+    p.add_argument("--records_dir", default=None, help="records root (default: records/)")
+    p.add_argument("--eval_batch_size", type=int, default=8, help="samples per scoring batch")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the records (with --seed) before chunking")
+    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle and of torch")
+    p.add_argument("--eval_at", default=None,
+                   help="comma-separated edit counts, e.g. 1,10,100,1000: one edit stream, tested at each count "
+                        "on everything edited so far")
+    p.add_argument("--save_edited_state", default=None, metavar="DIR",
+                   help="save the editor's edited state after each chunk / point under DIR/<stage>/")
+    p.add_argument("--load_edited_state", default=None, metavar="DIR",
+                   help="load the edited states saved by --save_edited_state instead of editing")
+    p.add_argument("--overwrite", action="store_true", help="discard a finished or partial run in the run folder")
+    return p
+
+
+def _positive(value, flag):
+    if value is not None and value < 1:
+        raise UserError(f"{flag} must be a positive integer, got {value}")
+
+
+def parse_points(text: str) -> list[int]:
+    try:
+        points = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--eval_at must be comma-separated positive integers, got {text!r}") from None
+    if not points or points[0] < 1:
+        raise UserError(f"--eval_at must be comma-separated positive integers, got {text!r}")
+    return points
+
+
+def data_fingerprint(records) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.index, [[s.prompt, s.target, s.image] for s in r.samples().values()]]).encode())
+    return h.hexdigest()[:16]
+
+
+def run_folder(records_dir: Path, editor: str, backbone: str, dataset: str, postfix: str, mode_dir: str) -> Path:
+    name = f"{dataset}-{postfix}" if postfix else dataset
+    return Path(records_dir) / editor / backbone / "eval" / name / mode_dir
+
+
+def supports_state(editor_cls) -> bool:
+    from editors.base import BaseEditor
+    return (editor_cls.save_state is not BaseEditor.save_state) and (editor_cls.load_state is not BaseEditor.load_state)
+
+
+def main(argv=None) -> dict:
+    """Run the evaluation; returns ``{"run_dir", "means", "resumed", "already_finished"}``."""
+    from backbones import load_backbone, resolve_backbone_name
+    from editors import EDITORS
+    from evaluation.checkpoints import check_checkpoint, load_checkpoint
+    from evaluation.protocol import check_saved_states, plan_chunks, plan_points, run_protocol
+    from evaluation.results import RunStore, differences, finalise, markdown_table, write_table
+    from utils.GLOBAL import DATA_DIR, RECORDS_DIR
+    from utils.config import load_config, to_dict
+    from vl_datasets import get_dataset_spec, load_dataset
+
+    args = build_parser().parse_args(argv)
+    _positive(args.sequential_edit_n, "-sen/--sequential_edit_n")
+    _positive(args.data_sample_n, "-dsn/--data_sample_n")
+    _positive(args.eval_batch_size, "--eval_batch_size")
+    points = parse_points(args.eval_at) if args.eval_at is not None else None
+    if points is None and args.sequential_edit_n is None:
+        raise UserError("give -sen/--sequential_edit_n (edits per chunk) or --eval_at")
+    if points is not None and args.sequential_edit_n not in (None, points[-1]):
+        raise UserError(f"with --eval_at the stream has max(--eval_at) = {points[-1]} edits; "
+                        f"-sen {args.sequential_edit_n} disagrees (leave -sen out)")
+    if args.save_edited_state and args.load_edited_state:
+        raise UserError("give --save_edited_state or --load_edited_state, not both")
+
+    # ---- names, config, checkpoint, data: all checked before anything is loaded or written ----
+    editor_cls = EDITORS.get(args.editor_name)
+    backbone_name = resolve_backbone_name(args.edit_model_name)
+    spec = get_dataset_spec(args.data_name)
+    config = load_config(editor_cls.config_class, args.editor_name, backbone_name)
+    weights = None
+    if args.checkpoint:
+        if not editor_cls.trainable:
+            raise UserError(f"editor {args.editor_name!r} is not trainable and takes no checkpoint (-ckpt)")
+        weights = check_checkpoint(args.checkpoint, args.editor_name, backbone_name)
+    elif editor_cls.trainable:
+        print(f"warning: evaluating trainable editor {args.editor_name!r} without a checkpoint (-ckpt)",
+              file=sys.stderr)
+    if (args.save_edited_state or args.load_edited_state) and not supports_state(editor_cls):
+        raise UserError(f"editor {args.editor_name!r} cannot save or load its edited state "
+                        f"(--save_edited_state / --load_edited_state)")
+    data_dir = Path(args.data_dir) if args.data_dir else DATA_DIR
+    records = load_dataset(spec.name, "eval", data_dir, limit=args.data_sample_n)
+    n = len(records)
+    if args.data_sample_n and n < args.data_sample_n:
+        print(f"warning: -dsn {args.data_sample_n} but {spec.name} eval has only {n} records; using {n}",
+              file=sys.stderr)
+    if points is not None:
+        T = points[-1]
+        if T > n:
+            raise UserError(f"--eval_at {points[-1]} exceeds the {n} records of {spec.name} eval")
+        mode, mode_dir, stages = "eval_at", "eval_at_" + "_".join(map(str, points)), plan_points(points)
+    else:
+        T = args.sequential_edit_n
+        if T > n:
+            raise UserError(f"-sen {T} exceeds the {n} records of {spec.name} eval"
+                            + (f" (-dsn {args.data_sample_n})" if args.data_sample_n else ""))
+        mode, mode_dir, stages = "sequential", f"sequential_edit_{T}", plan_chunks(n, T)
+    order = list(range(n))
+    if args.shuffle:
+        import random
+        random.Random(args.seed).shuffle(order)
+    records = [records[i] for i in order]
+    if args.load_edited_state:
+        check_saved_states(Path(args.load_edited_state), stages, records, args.editor_name, backbone_name)
+
+    records_dir = Path(args.records_dir) if args.records_dir else RECORDS_DIR
+    store = RunStore(run_folder(records_dir, args.editor_name, backbone_name, spec.name,
+                                args.eval_name_postfix, mode_dir))
+    absolute = lambda p: str(Path(p).resolve()) if p else None
+    identity = {"editor": args.editor_name, "backbone": backbone_name, "dataset": spec.name,
+                "sequential_edit_n": T, "eval_at": points, "data_sample_n": args.data_sample_n,
+                "n_records": n, "shuffle": args.shuffle, "seed": args.seed,
+                "checkpoint": absolute(weights), "model_path": absolute(args.model_path),
+                "data_dir": absolute(data_dir), "data_fingerprint": data_fingerprint(records),
+                "load_edited_state": absolute(args.load_edited_state), "editor_config": to_dict(config)}
+
+    # ---- an existing run in the folder: report it, resume it, or refuse -----------------------
+    resumed = False
+    if store.has_run() and not args.overwrite:
+        diff = differences(store.identity(), identity)
+        if diff:
+            state = "finished" if store.finished else "unfinished"
+            raise UserError(f"{store.dir} holds a {state} run with other arguments ({'; '.join(diff)}); "
+                            f"rerun with its arguments, pick another folder with -enp, or pass --overwrite")
+        if store.finished:
+            means = store.means()
+            print(f"run already finished: results in {store.dir} (pass --overwrite to run it again)")
+            print(markdown_table(means))
+            return {"run_dir": store.dir, "means": means, "resumed": False, "already_finished": True}
+        resumed = True
+
+    # ---- load, then write --------------------------------------------------------------------
+    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    backbone = load_backbone(backbone_name, device, args.model_path)
+    editor = editor_cls(backbone, config)
+    if weights is not None:
+        load_checkpoint(editor, weights)
+    if args.overwrite and store.dir.exists():
+        shutil.rmtree(store.dir)
+    if not resumed:
+        full_args = {**vars(args), "device": device}
+        store.start(identity, full_args, {"run": identity, "device": device, "editor_config": to_dict(config),
+                                           "backbone": {"name": backbone_name, "num_layers": backbone.num_layers,
+                                                        "hidden_size": backbone.hidden_size}})
+    else:
+        done = len(store.done_stages([s.name for s in stages]))
+        print(f"resuming {store.dir}: {done} of {len(stages)} {'chunks' if mode == 'sequential' else 'points'} "
+              f"already done", file=sys.stderr)
+
+    from tqdm import tqdm
+    done_names = set(store.done_stages([s.name for s in stages]))
+    todo = [s for s in stages if s.name not in done_names]
+    total = sum(len(s.edit_positions) + 5 * len(s.test_positions) for s in todo)
+    total += 5 * len({(s.stream, p) for s in todo for p in s.test_positions})
+    with tqdm(total=total, desc=f"{args.editor_name} on {backbone_name} {spec.name}", unit="step",
+              file=sys.stderr, mininterval=1.0) as progress:
+        results = run_protocol(editor, records, stages, store, batch_size=args.eval_batch_size,
+                               load_dir=args.load_edited_state, save_dir=args.save_edited_state, progress=progress)
+    header = {"run": identity, "mode": mode,
+              "scoring": {"default": "teacher-forced token accuracy (percent)",
+                          "exact_match": "greedy generation of len(target) tokens equals the target "
+                                         "(locality: equals the pre-edit generation), from real generations"}}
+    means = finalise(store, mode, header, results)
+    table = markdown_table(means)
+    write_table(store.dir, table)
+    print(f"results in {store.dir}")
+    print(table)
+    return {"run_dir": store.dir, "means": means, "resumed": resumed, "already_finished": False}
