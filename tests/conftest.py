@@ -53,3 +53,14 @@ def images(tmp_path_factory):
         im.save(p)
         paths.append(str(p))
     return paths
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    spinning makes them many times slower."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

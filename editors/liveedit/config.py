@@ -1,0 +1,92 @@
+"""LiveEdit's config: one YAML per backbone under ``configs/liveedit/<backbone>.yaml``, loaded strictly
+by ``utils.config.load_config``. Backbone facts (hidden size, number of vision tokens, number of
+layers) come from the backbone object, never from here."""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from utils.errors import UserError
+
+LOSS_TERMS = ("rel", "gen", "loc", "soft_relative", "soft_absolute", "hard_neighbour", "hard_sentinel")
+
+
+def _check_types(obj, where: str) -> None:
+    """Reject values of the wrong type (e.g. YAML reads ``1e-4`` without a dot as a string)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.type == (int | None) and value is None:
+            continue
+        if f.type in (int, "int", int | None):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif f.type in (float, "float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            continue
+        if not ok:
+            hint = " (write floats with a dot, e.g. 1.0e-4)" if isinstance(value, str) else ""
+            expected = {int: "int", float: "float", int | None: "int or null"}.get(f.type, str(f.type))
+            raise UserError(f"{where}.{f.name}: expected {expected}, "
+                            f"got {value!r}{hint}")
+
+
+@dataclass
+class LiveEditTrain:
+    """Read by the shared training loop as ``editor.config.train.<key>``."""
+
+    lr: float                    # Adam learning rate
+    lr_cut_step: int | None      # optimiser step from which lr is divided by lr_cut_factor (null: never)
+    lr_cut_factor: float = 10.0
+
+    def __post_init__(self):
+        _check_types(self, "liveedit.train")
+        if self.lr <= 0 or (self.lr_cut_step is not None and self.lr_cut_step < 0) or self.lr_cut_factor <= 0:
+            raise UserError(f"liveedit.train: expected lr > 0, lr_cut_step >= 0, lr_cut_factor > 0; got "
+                            f"lr={self.lr}, lr_cut_step={self.lr_cut_step}, lr_cut_factor={self.lr_cut_factor}")
+
+
+@dataclass
+class LiveEditLossWeights:
+    """Weight of each loss term returned by ``LiveEdit.training_losses`` (same names)."""
+
+    rel: float = 1.0
+    gen: float = 1.0
+    loc: float = 1.0
+    soft_relative: float = 1.0
+    soft_absolute: float = 1.0
+    hard_neighbour: float = 1.0
+    hard_sentinel: float = 1.0
+
+    def __post_init__(self):
+        _check_types(self, "liveedit.loss_weights")
+        bad = [n for n in LOSS_TERMS if getattr(self, n) < 0]
+        if bad:
+            raise UserError(f"liveedit.loss_weights.{bad[0]}: expected >= 0, got {getattr(self, bad[0])}")
+
+
+@dataclass
+class LiveEditConfig:
+    edit_layer: int      # l_e: the editor acts on the output of this decoder layer (0-based)
+    d_m: int             # module width of the extractors and generators
+    heads: int           # attention heads of every cross-attention
+    rank: int            # r: expert rank
+    n_queries: int       # k: learned feature queries
+    scale: float         # experts are scaled by 1 / (scale * sqrt(r))
+    train: LiveEditTrain
+    loss_weights: LiveEditLossWeights = field(default_factory=LiveEditLossWeights)
+    seed: int = 0        # initialisation of the trainable modules and the training RNG
+
+    def __post_init__(self):
+        _check_types(self, "liveedit")
+        for name in ("d_m", "heads", "rank", "n_queries"):
+            if getattr(self, name) < 1:
+                raise UserError(f"liveedit.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.d_m % self.heads:
+            raise UserError(f"liveedit: d_m={self.d_m} is not divisible by heads={self.heads}")
+        if self.scale <= 0:
+            raise UserError(f"liveedit.scale: expected > 0, got {self.scale}")
+        if self.edit_layer < 0:
+            raise UserError(f"liveedit.edit_layer: expected >= 0, got {self.edit_layer}")
+
+    def architecture(self) -> dict:
+        """What an expert repository depends on (its fingerprint)."""
+        return {k: getattr(self, k) for k in ("edit_layer", "d_m", "heads", "rank", "n_queries", "scale")}

@@ -1,0 +1,173 @@
+"""LiveEdit's expert repository: for every edit, the edit-side features ``phi_hat, psi_hat`` and the
+low-rank expert ``(U, V)``, plus the edit request (prompt, target, image path).
+
+Storage is preallocated and grows by doubling, so appending is amortised O(1) (no ``torch.cat`` of the
+pool). Routing is batched: B queries against N experts are ``[B, N]`` matmuls, masked and
+softmaxed per row, so each sample filters and weights its own experts."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from editors.liveedit.modules import expert_mixture, paired_similarity, similarity
+from utils.errors import UserError
+from utils.io import atomic_path, read_json, write_json
+
+TENSORS_FILE = "experts.safetensors"
+REQUESTS_FILE = "requests.json"
+FORMAT = "liveedit-repository-v1"
+
+
+class ExpertRepository:
+    def __init__(self, k: int, d_m: int, r: int, d: int, device="cpu", dtype=torch.float32,
+                 initial_capacity: int = 16):
+        if initial_capacity < 1 or initial_capacity & (initial_capacity - 1):
+            raise ValueError(f"initial_capacity must be a power of two, got {initial_capacity}")
+        self.shapes = {"phi": (k, d_m), "psi": (k, d_m), "U": (r, d), "V": (r, d)}
+        self.device, self.dtype = torch.device(device), dtype
+        self.initial_capacity = initial_capacity
+        self.clear()
+
+    # ---- storage ----------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Empty the repository (storage shrinks back to the initial capacity)."""
+        self.size = 0
+        self.requests: list[dict] = []
+        self._store = {n: torch.zeros((self.initial_capacity,) + s, device=self.device, dtype=self.dtype)
+                       for n, s in self.shapes.items()}
+
+    @property
+    def capacity(self) -> int:
+        return self._store["phi"].shape[0]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _reserve(self, n: int) -> None:
+        cap = self.capacity
+        if n <= cap:
+            return
+        while cap < n:
+            cap *= 2
+        for name, old in self._store.items():
+            new = torch.empty((cap,) + old.shape[1:], device=self.device, dtype=self.dtype)
+            new[:self.size] = old[:self.size]
+            self._store[name] = new
+
+    def append(self, phi, psi, U, V, requests: list[dict]) -> None:
+        """Append ``n`` experts: phi, psi [n, k, d_m], U, V [n, r, d], one request dict each."""
+        n = phi.shape[0]
+        for name, t in (("phi", phi), ("psi", psi), ("U", U), ("V", V)):
+            if tuple(t.shape) != (n,) + self.shapes[name]:
+                raise ValueError(f"expert {name} has shape {tuple(t.shape)}, expected {(n,) + self.shapes[name]}")
+        if len(requests) != n:
+            raise ValueError(f"{n} experts but {len(requests)} requests")
+        self._reserve(self.size + n)
+        for name, t in (("phi", phi), ("psi", psi), ("U", U), ("V", V)):
+            self._store[name][self.size:self.size + n] = t.detach().to(self.device, self.dtype)
+        self.requests.extend(dict(r) for r in requests)
+        self.size += n
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` experts (storage is kept)."""
+        if not 0 <= n <= self.size:
+            raise ValueError(f"cannot truncate a repository of {self.size} experts to {n}")
+        self.size = n
+        del self.requests[n:]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """View of the filled part of one store: 'phi', 'psi', 'U' or 'V'."""
+        return self._store[name][:self.size]
+
+    def bytes_per_expert(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self._store.values())
+
+    # ---- routing ----------------------------------------------------------------------------
+    def route(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor):
+        """Input-side features of B queries [B, k, d_m] -> (weights [B, N], kept [B, N] bool).
+
+        Hard filtering keeps expert i iff ``sim(phi, phi_hat_i) > sim(phi, phi_S)``; soft routing over
+        the kept ones gives ``w_i = softmax(t)_i * sigmoid(t_i)`` with ``t_i = sim(psi, psi_hat_i)``.
+        Weights are exactly 0 outside the kept set."""
+        dt = self.dtype
+        phi, psi, phi_sentinel = phi.to(dt), psi.to(dt), phi_sentinel.to(dt)
+        kept = similarity(phi, self.tensor("phi")) > paired_similarity(phi, phi_sentinel)[:, None]
+        t = similarity(psi, self.tensor("psi"))
+        soft = torch.softmax(t.masked_fill(~kept, float("-inf")), dim=1)   # NaN on rows with none kept
+        weights = torch.where(kept, soft * torch.sigmoid(t), torch.zeros_like(t))
+        return weights, kept
+
+    def residual(self, x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """``sum_i w_i V_i^T relu(U_i x)`` over the experts kept by any row: x [B, L, d] -> [B, L, d]."""
+        cols = kept.any(0).nonzero().flatten()
+        return expert_mixture(x.to(self.dtype), weights[:, cols], self.tensor("U")[cols], self.tensor("V")[cols])
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, directory, fingerprint: dict) -> None:
+        """Write the experts (safetensors, with the fingerprint in its metadata) and the requests."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: self.tensor(n).detach().to("cpu").contiguous() for n in self._store}
+        meta = {"format": FORMAT, "fingerprint": json.dumps(fingerprint, sort_keys=True), "size": str(self.size)}
+        with atomic_path(directory / TENSORS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        write_json(directory / REQUESTS_FILE, {"format": FORMAT, "fingerprint": fingerprint,
+                                               "requests": self.requests}, indent=None)
+
+    @staticmethod
+    def read_fingerprint(directory) -> dict:
+        path = Path(directory) / TENSORS_FILE
+        if not path.is_file():
+            raise UserError(f"no LiveEdit expert repository at {directory} ({TENSORS_FILE} missing)")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{path}: not a LiveEdit expert repository (format {meta.get('format')!r}, "
+                            f"expected {FORMAT!r})")
+        return json.loads(meta["fingerprint"])
+
+    def load(self, directory, fingerprint: dict) -> None:
+        """Replace the contents with the repository saved in ``directory``; refuse one whose
+        fingerprint (backbone, hidden size, editor config, trained weights) differs from ``fingerprint``."""
+        directory = Path(directory)
+        saved = self.read_fingerprint(directory)
+        check_fingerprint(saved, fingerprint, directory)
+        tensors = {}
+        with safe_open(str(directory / TENSORS_FILE), framework="pt") as f:
+            size = int(f.metadata()["size"])
+            for name in self.shapes:
+                tensors[name] = f.get_tensor(name)
+        req = read_json(directory / REQUESTS_FILE)
+        if req.get("fingerprint") != saved or len(req.get("requests", ())) != size:
+            raise UserError(f"{directory}: {REQUESTS_FILE} does not belong to {TENSORS_FILE} "
+                            f"(different fingerprint or {len(req.get('requests', ()))} requests for {size} experts)")
+        for name, t in tensors.items():
+            if tuple(t.shape) != (size,) + self.shapes[name]:
+                raise UserError(f"{directory}: stored {name} has shape {tuple(t.shape)}, "
+                                f"expected {(size,) + self.shapes[name]}")
+        self.clear()
+        self.append(tensors["phi"], tensors["psi"], tensors["U"], tensors["V"], req["requests"])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_fingerprint(saved: dict, expected: dict, where) -> None:
+    a, b = _flatten(saved), _flatten(expected)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diff:
+        return
+    details = "; ".join(f"{k}: repository has {a.get(k)!r}, this editor has {b.get(k)!r}" for k in diff)
+    hint = ""
+    if diff == ["weights"]:
+        hint = " (load the same trained checkpoint before loading the repository)"
+    raise UserError(f"LiveEdit repository at {where} was made for a different setup: {details}{hint}")

@@ -1,0 +1,218 @@
+"""Pretrain the tiny BLIP-2 / LLaVA / MiniGPT-4 backbones on the synthetic world's true facts.
+
+    python -m synthetic.pretrain --backbone tiny-blip2 [--steps 2500 --batch_size 32 ...]
+
+Each backbone is a real ``Blip2ForConditionalGeneration`` (OPT or Llama decoder) or
+``LlavaForConditionalGeneration`` built from a small config (``backbones/tiny.py``), with a byte-level
+BPE tokenizer trained on the world's text. It is trained through the very wrapper the editors use
+(same prompt templates, same label masks), then saved with ``save_pretrained`` so it loads through
+the ``from_pretrained`` path of real weights. Scripts call ``ensure_tiny_backbone`` and the backbone
+is built the first time it is needed, then cached under ``data/synthetic/backbones/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer  # noqa: E402
+from synthetic.world import FORMAT_VERSION, ensure_world, load_pretrain, read_manifest, text_corpus  # noqa: E402
+from utils.GLOBAL import SYNTHETIC_DIR, model_path_map  # noqa: E402
+from utils.errors import UserError, cli_main  # noqa: E402
+from utils.io import write_json  # noqa: E402
+from utils.losses import masked_nll, token_accuracy  # noqa: E402
+from vl_datasets.records import Sample, open_image  # noqa: E402
+
+TINY_FAMILIES = {"tiny-blip2": "blip2", "tiny-llava": "llava", "tiny-minigpt4": "minigpt4"}
+REPORT = "pretrain_report.json"
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    text_fraction: float = 0.15   # text-only facts are rare in the corpus: oversample them
+    vocab_size: int = 1024
+    seed: int = 0
+    size: TinySize = field(default_factory=TinySize)
+
+
+def _schedule(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak learning rate."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class PixelCache:
+    """Preprocessed pixels of every image the corpus uses, computed once."""
+
+    def __init__(self, backbone, world_dir: Path, examples, chunk: int = 256):
+        paths = sorted({ex["image"] for ex in examples if ex["image"]})
+        self.index = {p: i for i, p in enumerate(paths)}
+        parts = []
+        for i in tqdm(range(0, len(paths), chunk), desc="preprocessing images", leave=False):
+            imgs = [open_image(str(world_dir / p)) for p in paths[i:i + chunk]]
+            parts.append(backbone.processor.image_processor(imgs, return_tensors="pt")["pixel_values"])
+        self.pixels = torch.cat(parts) if parts else None
+
+    def get(self, rel_paths):
+        if not rel_paths:
+            return None
+        return self.pixels[torch.tensor([self.index[p] for p in rel_paths])]
+
+
+def _batch(backbone, world_dir, examples, cache: PixelCache):
+    samples = [Sample(ex["prompt"], ex["target"], str(world_dir / ex["image"]) if ex["image"] else None)
+               for ex in examples]
+    rows = [backbone.tokenize(s.prompt, s.image is not None, s.target) for s in samples]
+    return backbone.collate(samples, rows, cache.get([ex["image"] for ex in examples if ex["image"]]))
+
+
+@torch.no_grad()
+def heldout_accuracy(backbone, world_dir: Path, examples, cache: PixelCache, batch_size: int = 64) -> dict:
+    """Teacher-forced token accuracy (percent) per kind of held-out example."""
+    backbone.model.eval()
+    scores: dict[str, list[float]] = {}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = _batch(backbone, world_dir, chunk, cache)
+        acc = token_accuracy(backbone.logits(batch), batch.labels).tolist()
+        for ex, a in zip(chunk, acc):
+            scores.setdefault(ex["kind"], []).append(a)
+    return {k: round(100 * sum(v) / len(v), 2) for k, v in sorted(scores.items())}
+
+
+@torch.no_grad()
+def edit_target_accuracy(backbone, world_dir: Path, n: int = 500) -> dict:
+    """Pre-edit teacher-forced accuracy (percent) of the edit targets ``alt`` on each eval set."""
+    from vl_datasets import get_dataset_spec, load_records
+    out = {}
+    for name in ("EVQA", "EIC", "VLKEB"):  # the synthetic twins have the real layouts under world_dir
+        records = load_records(get_dataset_spec(name), world_dir, "eval", limit=n)
+        accs = []
+        for i in range(0, len(records), 64):
+            batch = backbone.encode([r.edit for r in records[i:i + 64]])
+            accs += token_accuracy(backbone.logits(batch), batch.labels).tolist()
+        out[f"SYNTH-{name}"] = round(100 * sum(accs) / len(accs), 2)
+    return out
+
+
+def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None = None,
+                  progress: bool = True) -> dict:
+    """Build, train and save tiny backbone ``name`` into ``out_dir`` (atomically); returns the report."""
+    from backbones import BACKBONES
+    if name not in TINY_FAMILIES:
+        raise UserError(f"unknown tiny backbone {name!r}; known: {', '.join(TINY_FAMILIES)}")
+    cfg = cfg or PretrainConfig()
+    family = TINY_FAMILIES[name]
+    world_dir = Path(world_dir) if world_dir else SYNTHETIC_DIR
+    out_dir = Path(out_dir)
+    manifest = read_manifest(world_dir)  # a current world of any size is used as it is
+    if manifest is None or manifest.get("format_version") != FORMAT_VERSION:
+        ensure_world(world_dir)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = train_tokenizer(text_corpus(world_dir), cfg.vocab_size)
+    save_tiny(build_tiny_model(family, tok, cfg.size, seed=cfg.seed), family, tok, cfg.size, tmp)
+    backbone = BACKBONES.get(name).load(name, tmp)  # the from_pretrained path of real weights
+    model = backbone.model
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    train = load_pretrain(world_dir, "train")
+    heldout = load_pretrain(world_dir, "heldout")
+    text = [ex for ex in train if ex["kind"] == "text"]
+    visual = [ex for ex in train if ex["kind"] != "text"]
+    cache = PixelCache(backbone, world_dir, train + heldout)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
+    bar = tqdm(range(cfg.steps), desc=f"pretraining {name}", disable=not progress)
+    ema = None
+    for _ in bar:
+        model.train()
+        n_text = sum(rng.random() < cfg.text_fraction for _ in range(cfg.batch_size))
+        examples = rng.sample(text, n_text) + rng.sample(visual, cfg.batch_size - n_text)
+        batch = _batch(backbone, world_dir, examples, cache)
+        loss = masked_nll(backbone.logits(batch), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}")
+    train_s = time.time() - t0
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    report = {
+        "backbone": name, "family": family, "config": asdict(cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_s, 1), "final_loss_ema": None if ema is None else round(ema, 4),
+        "heldout_token_accuracy": heldout_accuracy(backbone, world_dir, heldout, cache),
+        "edit_target_accuracy_before_edit": edit_target_accuracy(backbone, world_dir),
+    }
+    model.save_pretrained(tmp)
+    write_json(tmp / REPORT, report)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return report
+
+
+def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:
+    """Pretrain tiny backbone ``name`` into ``path`` unless it is already there."""
+    path = Path(path) if path else Path(model_path_map[name])
+    if not (path / "config.json").is_file():
+        print(f"{name} is not built yet: pretraining it on the synthetic world (once, a few minutes)",
+              file=sys.stderr)
+        report = pretrain_tiny(name, path, progress=progress)
+        print(f"{name}: saved to {path}; held-out token accuracy {report['heldout_token_accuracy']}",
+              file=sys.stderr)
+    return path
+
+
+@cli_main
+def main(argv=None):
+    d = PretrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", required=True, choices=sorted(TINY_FAMILIES) + ["all"])
+    p.add_argument("--out", help="output folder (default: its model_path_map entry)")
+    p.add_argument("--world_dir", help=f"synthetic world folder (default: {SYNTHETIC_DIR})")
+    for k in ("steps", "batch_size", "lr", "text_fraction", "vocab_size", "seed"):
+        p.add_argument(f"--{k}", type=type(getattr(d, k)), default=getattr(d, k))
+    a = p.parse_args(argv)
+    names = sorted(TINY_FAMILIES) if a.backbone == "all" else [a.backbone]
+    if a.out and len(names) > 1:
+        raise UserError("--out needs a single --backbone")
+    for name in names:
+        cfg = PretrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, text_fraction=a.text_fraction,
+                             vocab_size=a.vocab_size, seed=a.seed)
+        report = pretrain_tiny(name, a.out or model_path_map[name], a.world_dir, cfg)
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
