@@ -94,9 +94,19 @@ class ExpertRepository:
         dt = self.dtype
         phi, psi, phi_sentinel = phi.to(dt), psi.to(dt), phi_sentinel.to(dt)
         kept = similarity(phi, self.tensor("phi")) > paired_similarity(phi, phi_sentinel)[:, None]
-        t = similarity(psi, self.tensor("psi"))
-        soft = torch.softmax(t.masked_fill(~kept, float("-inf")), dim=1)   # NaN on rows with none kept
-        weights = torch.where(kept, soft * torch.sigmoid(t), torch.zeros_like(t))
+        weights = torch.zeros(kept.shape, device=kept.device, dtype=dt)
+        cols = kept.any(0).nonzero().flatten()
+        if cols.numel() == 0:
+            return weights, kept
+        # textual similarities only for experts that some row kept: gather those rows when they are
+        # few (the usual case), else one pass over the whole pool
+        if 2 * cols.numel() > self.size:
+            t = similarity(psi, self.tensor("psi"))[:, cols]
+        else:
+            t = similarity(psi, self.tensor("psi")[cols])
+        k = kept[:, cols]
+        soft = torch.softmax(t.masked_fill(~k, float("-inf")), dim=1)   # NaN on rows with none kept
+        weights[:, cols] = torch.where(k, soft * torch.sigmoid(t), torch.zeros_like(t))
         return weights, kept
 
     def residual(self, x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
