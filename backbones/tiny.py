@@ -61,11 +61,13 @@ def tiny_config(family: str, tok: PreTrainedTokenizerFast, size: TinySize):
     vision = Blip2VisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=size.vision_layers,
                                num_attention_heads=size.heads, image_size=size.image_size,
                                patch_size=size.patch_size, initializer_range=0.02)  # default 1e-10
+    # No dropout anywhere: pretraining is short and the world is small.
     qformer = Blip2QFormerConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=size.qformer_layers,
-                                 num_attention_heads=size.heads, encoder_hidden_size=h)
+                                 num_attention_heads=size.heads, encoder_hidden_size=h,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if family == "blip2":
         text = OPTConfig(hidden_size=h, ffn_dim=4 * h, num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                         word_embed_proj_dim=h, max_position_embeddings=512, **ids)
+                         word_embed_proj_dim=h, max_position_embeddings=512, dropout=0.0, **ids)
     elif family == "minigpt4":
         text = llama
     else:
