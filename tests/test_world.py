@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +156,14 @@ def test_answers_true_and_alt_plausible(small_world):
         assert r["m_loc_a"] == str(le[mtype])
     recs, _ = W.load_dataset(small_world, "eic_train")
     for r in recs:
-        assert r["pred"] == ents[_eid(r["image"])]["caption"]
-        assert r["alt"] in {e["caption"] for e in ents.values()}
+        e = ents[_eid(r["image"])]
+        assert r["pred"] == e["caption"]
+        lead, of, det, noun, in_, color = r["alt"].split()  # "sketch of {count} {shape} in {colour}"
+        assert (lead, of, in_) == (W.ALT_CAPTION_LEAD, "of", "in"), r["alt"]
+        count = {"a": 1, "an": 1, "two": 2, "three": 3}[det]
+        shape = next(s for s, pl in W.SHAPE_PLURALS.items() if noun == (s if count == 1 else pl))
+        assert count != e["count"] and shape != e["shape"], (r["alt"], e)
+        assert color in W.COLORS and color not in (e["color"], e["background"]), (r["alt"], e)
     recs, _ = W.load_dataset(small_world, "vlkeb_eval")
     cities = {e["city"] for e in ents.values()}
     countries = {e["country"] for e in ents.values()}
@@ -217,6 +224,31 @@ def test_pretrain_corpus(small_world):
     prompts = {ex["prompt"] for ex in train}
     for f in W.text_facts():
         assert f"nq question: {f.questions[0]}?" in prompts and f"{f.questions[0]}?" in prompts
+
+
+def test_caption_edit_targets_are_not_pretrained(small_world):
+    # A SYNTH-EIC edit target must not score high before any edit: its phrasing is never used in
+    # pretraining (no shared leading word with any caption target) and it is not a true caption.
+    pretrain = W.load_pretrain(small_world, "train") + W.load_pretrain(small_world, "heldout")
+    captions = [ex["target"] for ex in pretrain if ex["kind"] == "caption"]
+    targets = {ex["target"] for ex in pretrain}
+    first_words = {c.split()[0] for c in captions}
+    assert captions and first_words <= {"a", "an", "two", "three"}
+    all_captions = {W.caption(e) for e in W.all_entities()}
+    for name in ("eic_train", "eic_eval"):
+        recs, _ = W.load_dataset(small_world, name)
+        for r in recs:
+            assert r["alt"] != r["pred"], r
+            assert r["alt"].split()[0] not in first_words, r["alt"]
+            assert 4 <= len(r["alt"].split()) <= 8, r["alt"]
+            assert r["alt"] not in all_captions and r["alt"] not in targets, r["alt"]
+            # no word coincides with the true caption's word at the same position
+            assert all(a != p for a, p in zip(r["alt"].split(), r["pred"].split())), r
+    # still deterministic from the seed
+    e = W.build_world(0).entities[77]
+    alts = {W.alt_caption(random.Random(f"s{i}"), e) for i in range(40)}
+    assert len(alts) > 5 and W.caption(e) not in alts
+    assert W.alt_caption(random.Random("x"), e) == W.alt_caption(random.Random("x"), e)
 
 
 def test_dataset_questions_seen_in_pretraining(small_world):
