@@ -6,6 +6,10 @@ step), or any safetensors file, or a folder holding one. Its owner is read from 
 from a ``config.yaml`` beside the weights that names them (top-level keys ``editor`` / ``backbone``,
 or ``editor_name`` / ``edit_model_name``, possibly one level down, e.g. under ``run:``).
 The training side writes the metadata with :func:`checkpoint_metadata`.
+
+The editor config a checkpoint was trained with is the top-level ``editor_config`` of that
+``config.yaml`` (the training loop writes it into every ``step_<N>/`` folder and into the run folder);
+:func:`saved_editor_config` finds it, so evaluation builds the editor the checkpoint was trained as.
 """
 from pathlib import Path
 
@@ -101,6 +105,27 @@ def checkpoint_owner(path) -> tuple[str, str, Path]:
         raise UserError(f"cannot tell which editor and backbone checkpoint {weights} belongs to: no safetensors "
                         f"metadata keys 'editor'/'backbone' and no config.yaml beside it naming them")
     return editor, backbone, weights
+
+
+def saved_editor_config(weights: Path) -> tuple[dict | None, Path | None]:
+    """-> (``editor_config`` mapping, the config.yaml holding it) saved with the checkpoint whose
+    weights file is ``weights``, or ``(None, None)`` when there is none. Looked up in the
+    ``config.yaml`` beside the weights, then (training layout ``<run>/checkpoints/step_<N>/``) in the
+    run folder's ``config.yaml``. An unreadable config.yaml is a UserError."""
+    weights = Path(weights)
+    candidates = [weights.parent / "config.yaml"]
+    if weights.parent.parent.name == "checkpoints":
+        candidates.append(weights.parent.parent.parent / "config.yaml")
+    for config in candidates:
+        if not config.is_file():
+            continue
+        try:
+            data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read checkpoint config {config}: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("editor_config"), dict):
+            return data["editor_config"], config
+    return None, None
 
 
 def check_checkpoint(path, editor: str, backbone: str) -> Path:

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T: edits per chunk before testing and restoring (required unless --eval_at)")
     p.add_argument("-enp", "--eval_name_postfix", default="", help="suffix of the dataset folder of this run")
     p.add_argument("-dvc", "--device", default=None, help="cpu, cuda:N or auto (default: cuda:0 if available)")
-    p.add_argument("-ckpt", "--checkpoint", default=None, help="trained editor checkpoint (file or folder)")
+    p.add_argument("-ckpt", "--checkpoint", default=None,
+                   help="trained editor checkpoint (file or folder); the editor is built from the editor config "
+                        "saved with it (config.yaml), else from configs/<editor>/<backbone>.yaml")
     p.add_argument("-dn", "--data_name", required=True, help="EVQA, EIC, VLKEB or SYNTH-EVQA/EIC/VLKEB")
     p.add_argument("-dsn", "--data_sample_n", type=int, default=None, help="use the first N eval records")
     p.add_argument("--data_dir", default=None, help="data root (default: data/)")
@@ -84,11 +86,11 @@ def main(argv=None) -> dict:
     """Run the evaluation; returns ``{"run_dir", "means", "resumed", "already_finished"}``."""
     from backbones import load_backbone, resolve_backbone_name
     from editors import EDITORS
-    from evaluation.checkpoints import check_checkpoint, load_checkpoint
+    from evaluation.checkpoints import check_checkpoint, load_checkpoint, saved_editor_config
     from evaluation.protocol import check_saved_states, plan_chunks, plan_points, run_protocol
     from evaluation.results import RunStore, differences, finalise, markdown_table, write_table
     from utils.GLOBAL import DATA_DIR, RECORDS_DIR
-    from utils.config import load_config, to_dict
+    from utils.config import config_path, from_dict, load_config, to_dict
     from vl_datasets import get_dataset_spec, load_dataset
 
     args = build_parser().parse_args(argv)
@@ -108,15 +110,25 @@ def main(argv=None) -> dict:
     editor_cls = EDITORS.get(args.editor_name)
     backbone_name = resolve_backbone_name(args.edit_model_name)
     spec = get_dataset_spec(args.data_name)
-    config = load_config(editor_cls.config_class, args.editor_name, backbone_name)
-    weights = None
+    weights, saved_config, config_source = None, None, None
     if args.checkpoint:
         if not editor_cls.trainable:
             raise UserError(f"editor {args.editor_name!r} is not trainable and takes no checkpoint (-ckpt)")
         weights = check_checkpoint(args.checkpoint, args.editor_name, backbone_name)
+        saved_config, config_source = saved_editor_config(weights)
     elif editor_cls.trainable:
         print(f"warning: evaluating trainable editor {args.editor_name!r} without a checkpoint (-ckpt)",
               file=sys.stderr)
+    # the editor is built as the checkpoint was trained: its saved editor config, else the YAML
+    if saved_config is not None:
+        config = from_dict(editor_cls.config_class, saved_config, f"{config_source}: editor_config")
+        print(f"note: editor config saved with the checkpoint: {config_source}", file=sys.stderr)
+    else:
+        config_source = config_path(args.editor_name, backbone_name)
+        config = load_config(editor_cls.config_class, args.editor_name, backbone_name)
+        if weights is not None:
+            print(f"note: checkpoint {weights} has no saved editor config (config.yaml with editor_config); "
+                  f"using {config_source}", file=sys.stderr)
     if (args.save_edited_state or args.load_edited_state) and not supports_state(editor_cls):
         raise UserError(f"editor {args.editor_name!r} cannot save or load its edited state "
                         f"(--save_edited_state / --load_edited_state)")
@@ -183,6 +195,7 @@ def main(argv=None) -> dict:
     if not resumed:
         full_args = {**vars(args), "device": device}
         store.start(identity, full_args, {"run": identity, "device": device, "editor_config": to_dict(config),
+                                           "editor_config_source": str(Path(config_source).resolve()),
                                            "backbone": {"name": backbone_name, "num_layers": backbone.num_layers,
                                                         "hidden_size": backbone.hidden_size}})
     else:

@@ -265,3 +265,53 @@ def test_cli_exit_code_two_on_bad_input(tiny_dirs, data_dir, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: -sen 50 exceeds the 4 records of EVQA eval"]
     assert not records.exists()
+
+
+def test_checkpoint_is_evaluated_with_its_saved_editor_config(tiny_dirs, data_dir, tmp_path, capsys):
+    """LiveEdit trained with --config (edit_layer 1, d_m 32) is evaluated with that config, not with
+    configs/liveedit/tiny-blip2.yaml (edit_layer 4: out of range for this 4-layer backbone)."""
+    import yaml
+
+    import train_vllm_editor
+    from utils.config import config_path
+
+    default = yaml.safe_load(config_path("liveedit", "tiny-blip2").read_text())
+    trained = {**default, "edit_layer": 1, "d_m": 32, "seed": 7}
+    assert (trained["edit_layer"], trained["d_m"]) != (default["edit_layer"], default["d_m"])
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(trained))
+    result = train_vllm_editor.main(["-en", "liveedit", "-mn", "tiny-blip2", "--model_path", str(tiny_dirs["blip2"]),
+                                     "-dna", "EVQA", "--data_dir", str(data_dir), "-bs", "2", "-dvc", "cpu",
+                                     "--max_steps", "2", "-rs", "1", "--config", str(tmp_path / "cfg.yaml"),
+                                     "--records_dir", str(tmp_path / "train")])
+    ckpt = result.final_checkpoint
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())["editor_config"]
+    assert saved["edit_layer"] == 1 and saved["d_m"] == 32
+    capsys.readouterr()
+
+    out = main(argv(tiny_dirs, data_dir, tmp_path / "records", "-ckpt", str(ckpt), "-dsn", "2", editor="liveedit"))
+    assert f"note: editor config saved with the checkpoint: {ckpt / 'config.yaml'}" in capsys.readouterr().err
+    resolved = yaml.safe_load((out["run_dir"] / "config.yaml").read_text())
+    assert resolved["editor_config"] == saved == resolved["run"]["editor_config"]
+    assert resolved["editor_config_source"] == str((ckpt / "config.yaml").resolve())
+    identity = json.loads((out["run_dir"] / "run.json").read_text())["identity"]
+    assert identity["editor_config"]["edit_layer"] == 1
+    assert out["means"]["total"]["n_edits"] == 2 and not out["already_finished"]
+
+    # a run folder whose checkpoint lacks its config.yaml: the run folder's config.yaml is used
+    import shutil
+    run_copy = tmp_path / "run_copy"
+    shutil.copytree(result.run_dir, run_copy)
+    step_dir = run_copy / ckpt.relative_to(result.run_dir)
+    (step_dir / "config.yaml").unlink()
+    out = main(argv(tiny_dirs, data_dir, tmp_path / "records3", "-ckpt", str(run_copy), "-dsn", "2", editor="liveedit"))
+    assert f"note: editor config saved with the checkpoint: {run_copy / 'config.yaml'}" in capsys.readouterr().err
+    assert yaml.safe_load((out["run_dir"] / "config.yaml").read_text())["editor_config"] == saved
+
+    # no saved config at all: the YAML is used (with a note), here refused since its edit_layer does
+    # not fit this backbone
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(ckpt / "trainable.safetensors", bare / "trainable.safetensors")
+    with pytest.raises(UserError, match="edit_layer=4 is out of range"):
+        main(argv(tiny_dirs, data_dir, tmp_path / "records2", "-ckpt", str(bare), "-dsn", "2", editor="liveedit"))
+    assert "has no saved editor config" in capsys.readouterr().err
