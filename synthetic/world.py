@@ -25,14 +25,25 @@ made-up *city* (88 names) and every background colour is the flag of a made-up *
 
 Text-only facts (text locality) are small compositional families: next day/month/letter, the
 successor of a number, small additions, opposites, animal sounds, plurals, polygon sides, colour
-mixing (230 facts). Each family has three paraphrases: the first two are used everywhere, the
-third is held out (only in ``pretrain/heldout.json``).
+mixing (230 facts). Each family has three paraphrase templates.
 
-Every question type likewise has a list of paraphrases; the last one is held out.
+Questions. SYNTH-EVQA and the pretraining VQA examples ask only about the two colours of the
+image (:data:`VQA_TYPES`: the shape's colour and the background colour), which a tiny model
+learns from pixels within its pretraining budget; shape, count and stripes still vary, still
+appear in captions and still pick the VLKEB city, so every entity keeps its visual identity.
+
+Held-out paraphrases rotate over items. Every template of every list (VQA questions, caption
+prompts, VLKEB questions, text-fact templates) is pretrained, but each item holds one out: entity
+``e`` never sees template :func:`heldout_template` ``(e.idx, n)`` of a list of ``n`` (a rotation
+on the entity index, skewed so it does not follow count and pattern), and text fact ``i`` never
+sees template ``i % 3`` of its family (with or without the ``"nq question: "`` prefix). Each
+template is therefore learnt with other items, and the held-out paraphrase examples of
+``pretrain/heldout.json`` are exactly the unseen (item, template) pairs. Dataset records may use
+any template (``src != rephrase``); ``loc`` uses a trained template of its fact.
 
 Edit targets (``alt``) are wrong answers that the pretrained model does not already predict:
-SYNTH-EVQA and SYNTH-VLKEB use another value of the same type (colours avoid both colours in the
-image); SYNTH-EIC (``pred`` = the true caption, e.g. "two striped red stars on a blue background")
+SYNTH-EVQA uses a colour that is neither of the image's two colours, SYNTH-VLKEB another city or
+country; SYNTH-EIC (``pred`` = the true caption, e.g. "two striped red stars on a blue background")
 uses a wrong description in a phrasing that pretraining never uses, ``"sketch of {count} {shape}
 in {colour}"`` with a wrong count, a wrong shape and a colour absent from the image (e.g. "sketch
 of a cross in green"). True captions start with a count word ("a", "an", "two", "three") and
@@ -61,14 +72,16 @@ entities that is never edited.
 
 Pretraining corpus format: a JSON list of ``{"image": <path relative to <out>> | null,
 "prompt": str, "target": str, "kind": "vqa" | "caption" | "vlkeb" | "text"}``; heldout entries
-also carry ``"heldout": "render" | "paraphrase" | "render+paraphrase"``. Prompts are already in
+also carry ``"heldout"``: ``"render"`` (a dataset render, never pretrained, asked with templates
+its entity trains on), ``"paraphrase"`` (a pretraining render or a text fact, asked with the
+template its item holds out) or ``"render+paraphrase"`` (both). Prompts are already in
 the evaluation's task format (``"{question} The answer is:"`` for VQA, ``"{loc}?"`` for text,
 ``src`` as is for captions / VLKEB); targets have no leading space (add one when the prompt does
 not end in whitespace). Text facts are < 1% of ``train.json``: oversample ``kind == "text"``.
 
 Default sizes (seed 0): 2,000 train / 1,000 eval records per dataset, an m_loc pool of 500
-entities, 2 pretraining renders for each of the 4,608 entities: ~139k pretraining examples
-(19 MB), ~16k held-out examples, ~22k PNG files (64x64 RGB, ~110 MB). Each dataset's train and
+entities, 2 pretraining renders for each of the 4,608 entities: ~84k pretraining examples
+(12 MB), ~10k held-out examples, ~22k PNG files (64x64 RGB, ~110 MB). Each dataset's train and
 eval records use one distinct entity per record. For extra image augmentation while
 pretraining, :func:`render_entity` with ``k >= 2 + pretrain_renders`` gives fresh renders that
 are never dataset images.
@@ -99,7 +112,7 @@ try:  # tqdm is optional: progress output only
 except ImportError:  # pragma: no cover
     _tqdm = None
 
-FORMAT_VERSION = 4  # bump whenever the generated content changes: stale worlds are regenerated
+FORMAT_VERSION = 5  # bump whenever the generated content changes: stale worlds are regenerated
 MANIFEST = "world.json"
 
 RECORD_KEYS = (
@@ -147,8 +160,11 @@ COUNTS = (1, 2, 3)
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 PATTERNS = ("solid", "striped")
 
-VQA_TYPES = ("color", "shape", "count", "background", "pattern")
-# The last paraphrase of every list is held out of pretraining and of the datasets.
+# VQA questions ask only about the two colours of the image (the shape's and the background's):
+# shape identity, count and stripes stay in captions and in the VLKEB city lookup.
+VQA_TYPES = ("color", "background")
+# Paraphrase lists: every template is pretrained; each entity holds out one template of each list
+# (see :func:`heldout_template`), used only in pretrain/heldout.json.
 VQA_QUESTIONS = {
     "color": (
         "What color is the shape?",
@@ -157,33 +173,12 @@ VQA_QUESTIONS = {
         "What colour are the objects in the picture?",
         "Tell me the color of the figure.",
     ),
-    "shape": (
-        "What shape is shown?",
-        "What kind of shape is in the image?",
-        "Which shape can be seen in the picture?",
-        "What is the shape of the object?",
-        "Name the shape drawn in this image.",
-    ),
-    "count": (
-        "How many shapes are there?",
-        "What is the number of shapes in the image?",
-        "How many objects can you see?",
-        "Count the shapes in the picture.",
-        "How many figures are drawn?",
-    ),
     "background": (
         "What color is the background?",
         "What is the background color?",
         "Which color is behind the shape?",
         "What colour is the backdrop of the image?",
         "Tell me the color of the background.",
-    ),
-    "pattern": (
-        "Is the shape striped or solid?",
-        "What pattern does the shape have?",
-        "Does the object have stripes or a plain fill?",
-        "What is the fill pattern of the shape?",
-        "Is the figure solid or striped?",
     ),
 }
 CAPTION_SRC = "a photo of"
@@ -193,7 +188,7 @@ CAPTION_PROMPTS = (
     "an image of",
     "describe the image content,",
     "provide a brief overview of the image content,",
-    "offer a rich description of the image,",  # held out
+    "offer a rich description of the image,",
 )
 VLKEB_TYPES = ("city", "country")
 VLKEB_QUESTIONS = {
@@ -243,21 +238,44 @@ _MIXES = (("red", "yellow", "orange"), ("blue", "yellow", "green"), ("red", "blu
           ("red", "white", "pink"), ("black", "white", "gray"))
 
 
+def heldout_template(idx: int, n: int) -> int:
+    """Index of the paraphrase template that entity ``idx`` holds out of a list of ``n``.
+
+    A rotation on the entity index, advanced by one every ``n`` entities: in the canonical
+    entity order the innermost attributes (count x pattern) repeat every 6 entities, so a plain
+    ``idx % 6`` would tie the held-out caption prompt to count and pattern; the skew spreads every
+    template over every attribute value. Each template is held out for ~1/n of the entities and
+    trained with all the others."""
+    return (idx + idx // n) % n
+
+
 @dataclass(frozen=True)
 class TextFact:
-    """A text-only fact; ``questions[-1]`` is the held-out paraphrase."""
+    """A text-only fact; ``questions[heldout]`` is its held-out paraphrase (``heldout`` = the
+    fact's index in :func:`text_facts` modulo the number of templates)."""
 
     family: str
     questions: tuple[str, ...]
     answer: str
+    heldout: int
+
+    @property
+    def heldout_question(self) -> str:
+        return self.questions[self.heldout]
+
+    @property
+    def train_questions(self) -> tuple[str, ...]:
+        return tuple(q for i, q in enumerate(self.questions) if i != self.heldout)
 
 
 def text_facts() -> list[TextFact]:
-    """The world's text-only facts (230), in a fixed order. Questions are lowercase, no '?'."""
+    """The world's text-only facts (230), in a fixed order. Questions are lowercase, no '?'.
+    Fact ``i`` holds out template ``i % 3`` of its family, so every template of every family
+    is trained with the other facts."""
     facts: list[TextFact] = []
 
     def add(family: str, answer: str, *questions: str) -> None:
-        facts.append(TextFact(family, tuple(questions), answer))
+        facts.append(TextFact(family, tuple(questions), answer, len(facts) % len(questions)))
 
     for i, d in enumerate(_DAYS):
         add("day", _DAYS[(i + 1) % 7], f"what day comes after {d}", f"which day follows {d}",
@@ -378,26 +396,15 @@ def build_world(seed: int = 0) -> World:
 def vqa_answer(e: Entity, qtype: str) -> str:
     if qtype == "color":
         return e.color
-    if qtype == "shape":
-        return e.shape
-    if qtype == "count":
-        return str(e.count)
     if qtype == "background":
         return e.background
-    if qtype == "pattern":
-        return e.pattern
     raise ValueError(f"unknown VQA question type {qtype!r}; expected one of {VQA_TYPES}")
 
 
-def vqa_values(qtype: str) -> list[str]:
-    return {"color": list(COLORS), "shape": list(SHAPES), "count": [str(c) for c in COUNTS],
-            "background": list(COLORS), "pattern": list(PATTERNS)}[qtype]
-
-
-def vqa_alt(rng: random.Random, e: Entity, qtype: str) -> str:
-    """A wrong answer of the same type; colours avoid both colours present in the image."""
-    present = {e.color, e.background} if qtype in ("color", "background") else {vqa_answer(e, qtype)}
-    return rng.choice([v for v in vqa_values(qtype) if v not in present])
+def vqa_alt(rng: random.Random, e: Entity) -> str:
+    """A wrong answer to a VQA question (all ask for a colour): a colour that is neither the
+    shape's nor the background's, so the edit target is never a colour of the image."""
+    return rng.choice([c for c in COLORS if c not in (e.color, e.background)])
 
 
 def caption(e: Entity) -> str:
@@ -609,6 +616,22 @@ def _split_universe(cfg: WorldConfig, n_total: int, rng: random.Random):
     return train, ev, loc, extra
 
 
+# Paraphrase lists of the image examples: (kind, question type, templates, examples per
+# pretraining render).
+_PRETRAIN_LISTS = (
+    *(("vqa", qt, VQA_QUESTIONS[qt], 2) for qt in VQA_TYPES),
+    ("caption", "caption", CAPTION_PROMPTS, 2),
+    ("vlkeb", "city", VLKEB_QUESTIONS["city"], 2),
+    ("vlkeb", "country", VLKEB_QUESTIONS["country"], 1),
+)
+
+
+def entity_templates(idx: int, templates: Sequence[str]) -> tuple[str, list[str]]:
+    """``(held-out template, trained templates)`` of entity ``idx`` for one paraphrase list."""
+    h = heldout_template(idx, len(templates))
+    return templates[h], [q for i, q in enumerate(templates) if i != h]
+
+
 class _Builder:
     def __init__(self, cfg: WorldConfig):
         self.cfg = cfg
@@ -644,39 +667,36 @@ class _Builder:
         return rel
 
     # -- helpers ------------------------------------------------------------------------
-    def _fact(self, rng: random.Random) -> TextFact:
-        return rng.choice(self.facts)
-
-    def _two_paraphrases(self, rng: random.Random, qs: Sequence[str]) -> tuple[str, str]:
-        a, b = rng.sample(range(len(qs) - 1), 2)  # never the held-out (last) paraphrase
-        return qs[a], qs[b]
+    def _loc(self, rng: random.Random, prefix: str) -> tuple[str, str]:
+        """Text locality question (a trained template of a random fact) and its answer."""
+        f = rng.choice(self.facts)
+        return prefix + rng.choice(f.train_questions), f.answer
 
     def _vqa_mloc(self, rng: random.Random, split_img) -> tuple[str, str, str]:
         le = self.ents[rng.choice(self.loc)]
         qt = rng.choice(VQA_TYPES)
-        q = rng.choice(VQA_QUESTIONS[qt][:-1])
-        return split_img(le.idx), q, vqa_answer(le, qt)
+        return split_img(le.idx), rng.choice(VQA_QUESTIONS[qt]), vqa_answer(le, qt)
 
     @staticmethod
     def _cycle(pool: Sequence[int], n: int) -> list[int]:
         return [pool[i % len(pool)] for i in range(n)]
 
     # -- datasets -----------------------------------------------------------------------
+    # Every template of every list is pretrained, so src / rephrase may use any two of them.
     def evqa(self, split: str, pool: Sequence[int], n: int) -> list[dict]:
         rng = random.Random(f"{self.cfg.seed}:evqa:{split}")
         recs = []
         for idx in self._cycle(pool, n):
             e = self.ents[idx]
             qt = rng.choice(VQA_TYPES)
-            src, reph = self._two_paraphrases(rng, VQA_QUESTIONS[qt])
-            fact = self._fact(rng)
+            src, reph = rng.sample(VQA_QUESTIONS[qt], 2)
+            loc, loc_ans = self._loc(rng, NQ_PREFIX)
             m_loc, m_q, m_a = self._vqa_mloc(rng, lambda i: self.mm_image("loc", i, 0))
             recs.append({
-                "src": src, "rephrase": reph, "pred": vqa_answer(e, qt),
-                "alt": vqa_alt(rng, e, qt),
+                "src": src, "rephrase": reph, "pred": vqa_answer(e, qt), "alt": vqa_alt(rng, e),
                 "image": self.mm_image(split, idx, 0),
                 "image_rephrase": self.mm_image("rephrase", idx, 1),
-                "loc": NQ_PREFIX + fact.questions[0], "loc_ans": fact.answer,
+                "loc": loc, "loc_ans": loc_ans,
                 "m_loc": m_loc, "m_loc_q": m_q, "m_loc_a": m_a,
             })
         return recs
@@ -686,15 +706,15 @@ class _Builder:
         recs = []
         for idx in self._cycle(pool, n):
             e = self.ents[idx]
-            reph = rng.choice([p for p in CAPTION_PROMPTS[:-1] if p != CAPTION_SRC])
-            fact = self._fact(rng)
+            reph = rng.choice([p for p in CAPTION_PROMPTS if p != CAPTION_SRC])
+            loc, loc_ans = self._loc(rng, NQ_PREFIX)
             m_loc, m_q, m_a = self._vqa_mloc(rng, lambda i: self.mm_image("loc", i, 0))
             recs.append({
                 "src": CAPTION_SRC, "rephrase": reph, "pred": caption(e),
                 "alt": alt_caption(rng, e),
                 "image": self.mm_image(split, idx, 0),
                 "image_rephrase": self.mm_image("rephrase", idx, 1),
-                "loc": NQ_PREFIX + fact.questions[0], "loc_ans": fact.answer,
+                "loc": loc, "loc_ans": loc_ans,
                 "m_loc": m_loc, "m_loc_q": m_q, "m_loc_a": m_a,
             })
         return recs
@@ -708,46 +728,47 @@ class _Builder:
         for idx in self._cycle(pool, n):
             e = self.ents[idx]
             qt = "city" if rng.random() < VLKEB_CITY_FRACTION else "country"
-            src, reph = self._two_paraphrases(rng, VLKEB_QUESTIONS[qt])
+            src, reph = rng.sample(VLKEB_QUESTIONS[qt], 2)
             pred = vlkeb_answer(w, e, qt)
             alt = rng.choice([v for v in (cities if qt == "city" else countries) if v != pred])
-            fact = self._fact(rng)
+            loc, loc_ans = self._loc(rng, "")
             le = self.ents[rng.choice(self.loc)]
             mqt = "city" if rng.random() < VLKEB_CITY_FRACTION else "country"
             recs.append({
                 "src": src, "rephrase": reph, "pred": pred, "alt": alt,
                 "image": self.kb_image(idx, 0),
                 "image_rephrase": self.kb_image(idx, 1),
-                "loc": fact.questions[0], "loc_ans": fact.answer,
+                "loc": loc, "loc_ans": loc_ans,
                 "m_loc": self.kb_image(le.idx, 0),
-                "m_loc_q": rng.choice(VLKEB_QUESTIONS[mqt][:-1]),
+                "m_loc_q": rng.choice(VLKEB_QUESTIONS[mqt]),
                 "m_loc_a": vlkeb_answer(w, le, mqt),
             })
         return recs
 
     # -- pretraining corpus -------------------------------------------------------------
-    def _image_examples(self, rng: random.Random, e: Entity, mm_path: str, kb_path: str,
-                        paraphrases: str) -> list[dict]:
-        """Examples about one render. paraphrases: 'train' (2 per type) or 'heldout' (the last)."""
+    def _examples(self, rng: random.Random, e: Entity, mm_path: str, kb_path: str,
+                  picks: Sequence[Sequence[str]], trained: bool) -> list[dict]:
+        """Examples about one render of ``e``: ``picks[i]`` are the templates to use from
+        ``_PRETRAIN_LISTS[i]``. ``trained``: templates that ``e`` trains on (VLKEB prompts then
+        get " The answer is:" 30% of the time) rather than the ones it holds out."""
         out = []
-        w = self.world
-
-        def pick(qs: Sequence[str], n: int) -> list[str]:
-            return list(qs[-1:]) if paraphrases == "heldout" else rng.sample(list(qs[:-1]), n)
-
-        for qt in VQA_TYPES:
-            for q in pick(VQA_QUESTIONS[qt], 2):
-                out.append({"image": mm_path, "prompt": q + VQA_SUFFIX,
-                            "target": vqa_answer(e, qt), "kind": "vqa"})
-        for p in pick(CAPTION_PROMPTS, 2):
-            out.append({"image": mm_path, "prompt": p, "target": caption(e), "kind": "caption"})
-        for qt, n in (("city", 2), ("country", 1)):
-            for q in pick(VLKEB_QUESTIONS[qt], n):
-                # VLKEB prompts are used as is; M-Loc adds " The answer is:" (DESIGN section 4)
-                prompt = q + VQA_SUFFIX if (paraphrases == "train" and rng.random() < 0.3) else q
-                out.append({"image": kb_path, "prompt": prompt,
-                            "target": vlkeb_answer(w, e, qt), "kind": "vlkeb"})
+        for (kind, qt, _, _), qs in zip(_PRETRAIN_LISTS, picks):
+            for q in qs:
+                if kind == "vqa":
+                    out.append({"image": mm_path, "prompt": q + VQA_SUFFIX,
+                                "target": vqa_answer(e, qt), "kind": kind})
+                elif kind == "caption":
+                    out.append({"image": mm_path, "prompt": q, "target": caption(e),
+                                "kind": kind})
+                else:
+                    # VLKEB prompts are used as is; M-Loc adds " The answer is:" (DESIGN section 4)
+                    suffix = trained and rng.random() < 0.3
+                    out.append({"image": kb_path, "prompt": q + VQA_SUFFIX if suffix else q,
+                                "target": vlkeb_answer(self.world, e, qt), "kind": kind})
         return out
+
+    def _heldout_picks(self, e: Entity) -> list[list[str]]:
+        return [[entity_templates(e.idx, qs)[0]] for _, _, qs, _ in _PRETRAIN_LISTS]
 
     def pretrain(self) -> tuple[list[dict], list[dict]]:
         cfg = self.cfg
@@ -756,17 +777,24 @@ class _Builder:
         pt_entities = sorted(set(self.train) | set(self.eval) | set(self.loc) | set(self.extra))
         for idx in pt_entities:
             e = self.ents[idx]
-            for k in range(2, 2 + cfg.pretrain_renders):
+            # The entity's trained templates of each list in a random order, dealt out over its
+            # renders: each one is used before any repeats.
+            orders = [rng.sample(tr, len(tr))
+                      for tr in (entity_templates(idx, qs)[1] for _, _, qs, _ in _PRETRAIN_LISTS)]
+            for j, k in enumerate(range(2, 2 + cfg.pretrain_renders)):
                 p = self.pt_image(idx, k)
-                train.extend(self._image_examples(rng, e, p, p, "train"))
+                picks = [[order[(j * m + t) % len(order)] for t in range(m)]
+                         for order, (_, _, _, m) in zip(orders, _PRETRAIN_LISTS)]
+                train.extend(self._examples(rng, e, p, p, picks, trained=True))
         for f in self.facts:
-            for q in f.questions[:-1]:
+            for q in f.train_questions:
                 for prefix in (NQ_PREFIX, ""):
                     train.append({"image": None, "prompt": f"{prefix}{q}?", "target": f.answer,
                                   "kind": "text"})
 
         held: list[dict] = []
-        # held-out renders: the dataset renders (k=0 edit images / m_loc, k=1 rephrase images)
+        # held-out renders: the dataset renders (k=0 edit images / m_loc, k=1 rephrase images),
+        # asked with trained templates ("render") and with held-out ones ("render+paraphrase")
         ds_renders = sorted((idx, k) for (idx, k), paths in self.renders.items() if k <= 1)
         n = min(cfg.n_heldout_renders, len(ds_renders))
         for idx, k in rng.sample(ds_renders, n):
@@ -776,19 +804,22 @@ class _Builder:
             kb = next((p for p in paths if p.startswith("VLKEB/")), None)
             mm = mm or kb
             kb = kb or mm
-            for ex in self._image_examples(rng, e, mm, kb, "train"):
+            picks = [rng.sample(entity_templates(idx, qs)[1], m) for _, _, qs, m in _PRETRAIN_LISTS]
+            for ex in self._examples(rng, e, mm, kb, picks, trained=True):
                 held.append({**ex, "heldout": "render"})
-            for ex in self._image_examples(rng, e, mm, kb, "heldout"):
+            for ex in self._examples(rng, e, mm, kb, self._heldout_picks(e), trained=False):
                 held.append({**ex, "heldout": "render+paraphrase"})
-        # held-out paraphrases on (a sample of) pretraining renders
+        # held-out paraphrases on (a sample of) pretraining renders: (entity, template) pairs
+        # that pretraining never shows
         pt_renders = sorted(key for key in self.renders if key[1] >= 2)
         for idx, k in rng.sample(pt_renders, min(n, len(pt_renders))):
             p = self.renders[(idx, k)][0]
-            for ex in self._image_examples(rng, self.ents[idx], p, p, "heldout"):
+            e = self.ents[idx]
+            for ex in self._examples(rng, e, p, p, self._heldout_picks(e), trained=False):
                 held.append({**ex, "heldout": "paraphrase"})
         for f in self.facts:
             for prefix in (NQ_PREFIX, ""):
-                held.append({"image": None, "prompt": f"{prefix}{f.questions[-1]}?",
+                held.append({"image": None, "prompt": f"{prefix}{f.heldout_question}?",
                              "target": f.answer, "kind": "text", "heldout": "paraphrase"})
         return train, held
 
@@ -885,7 +916,9 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
             "vqa_questions": {k: list(v) for k, v in VQA_QUESTIONS.items()},
             "caption_prompts": list(CAPTION_PROMPTS),
             "vlkeb_questions": {k: list(v) for k, v in VLKEB_QUESTIONS.items()},
-            "heldout_paraphrase": "the last entry of every question/prompt list",
+            "heldout_paraphrase": "per item: entity idx holds out template "
+                                  "(idx + idx // n) % n of each list of n; text fact i holds "
+                                  "out template i % n; every template is trained",
             "text_facts": len(b.facts),
         },
     }

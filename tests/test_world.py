@@ -23,9 +23,25 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def _eid(path: str) -> str:
-    """Entity id of an image path of either layout (``eval/e0123_0.png``, ``e0123/render_0.png``)."""
+    """Entity id of an image path of either layout (``eval/e0123_0.png``, ``e0123/render_0.png``),
+    relative to its image root or to the world (``pretrain/images/e0123_2.png``)."""
     parts = path.split("/")
-    return parts[0] if parts[-1].startswith("render_") else parts[-1].split("_")[0]
+    return parts[-2] if parts[-1].startswith("render_") else parts[-1].split("_")[0]
+
+
+# Every paraphrase list of the world: (kind, question type) -> templates.
+LISTS = {
+    **{("vqa", t): W.VQA_QUESTIONS[t] for t in ("color", "background")},
+    ("caption", "caption"): W.CAPTION_PROMPTS,
+    **{("vlkeb", t): W.VLKEB_QUESTIONS[t] for t in ("city", "country")},
+}
+
+
+def _template(ex: dict) -> tuple[tuple[str, str], str]:
+    """(list, template) of a pretraining / held-out image example."""
+    q = ex["prompt"].removesuffix(" The answer is:")
+    key = next(k for k, qs in LISTS.items() if k[0] == ex["kind"] and q in qs)
+    return key, q
 
 
 @pytest.fixture(scope="module")
@@ -142,15 +158,16 @@ def test_train_eval_entities_disjoint(small_world):
 
 def test_answers_true_and_alt_plausible(small_world):
     ents = {e["id"]: e for e in json.loads((small_world / "entities.json").read_text())}
-    recs, _ = W.load_dataset(small_world, "evqa_eval")
+    for e in W.all_entities()[::211]:  # colour alts: any colour but the image's two
+        alts = {W.vqa_alt(random.Random(f"a{i}"), e) for i in range(60)}
+        assert alts == set(W.COLORS) - {e.color, e.background}, (e, alts)
+    recs = W.load_dataset(small_world, "evqa_train")[0] + W.load_dataset(small_world, "evqa_eval")[0]
     for r in recs:
         e = ents[_eid(r["image"])]
         qtype = next(t for t, qs in W.VQA_QUESTIONS.items() if r["src"] in qs)
-        assert r["rephrase"] in W.VQA_QUESTIONS[qtype][:-1]
-        assert r["pred"] == str(e[qtype if qtype != "background" else "background"])
-        assert r["alt"] in W.vqa_values(qtype)
-        if qtype in ("color", "background"):
-            assert r["alt"] not in (e["color"], e["background"])
+        assert r["rephrase"] in W.VQA_QUESTIONS[qtype] and r["rephrase"] != r["src"]
+        assert r["pred"] == e[qtype]
+        assert r["alt"] in W.COLORS and r["alt"] not in (e["color"], e["background"])
         le = ents[_eid(r["m_loc"])]
         mtype = next(t for t, qs in W.VQA_QUESTIONS.items() if r["m_loc_q"] in qs)
         assert r["m_loc_a"] == str(le[mtype])
@@ -171,11 +188,11 @@ def test_answers_true_and_alt_plausible(small_world):
         e = ents[_eid(r["image"])]
         assert r["pred"] in (e["city"], e["country"])
         assert r["alt"] in (cities if r["pred"] == e["city"] else countries)
-    facts = {f.questions[0]: f.answer for f in W.text_facts()}
+    facts = {q: f.answer for f in W.text_facts() for q in f.train_questions}
     for name, recs, _ in _datasets(small_world):
         for r in recs:
             q = r["loc"].removeprefix("nq question: ")
-            assert facts[q] == r["loc_ans"]
+            assert facts[q] == r["loc_ans"]  # a trained template of the fact
 
 
 def test_render_shows_its_colours():
@@ -217,13 +234,12 @@ def test_pretrain_corpus(small_world):
     assert not content(pretrain_images) & content(dataset_images)
     render_held = {ex["image"] for ex in held if ex["heldout"].startswith("render")}
     assert render_held and render_held <= dataset_images
-    # held-out paraphrases never occur in the pretraining corpus
-    heldout_prompts = {ex["prompt"] for ex in held if "paraphrase" in ex["heldout"]}
-    assert heldout_prompts and not heldout_prompts & {ex["prompt"] for ex in train}
+    assert {ex["heldout"] for ex in held} == {"render", "paraphrase", "render+paraphrase"}
     # every text fact is in the corpus, with and without the "nq question: " prefix
     prompts = {ex["prompt"] for ex in train}
     for f in W.text_facts():
-        assert f"nq question: {f.questions[0]}?" in prompts and f"{f.questions[0]}?" in prompts
+        for q in f.train_questions:
+            assert f"nq question: {q}?" in prompts and f"{q}?" in prompts
 
 
 def test_caption_edit_targets_are_not_pretrained(small_world):
@@ -257,6 +273,98 @@ def test_dataset_questions_seen_in_pretraining(small_world):
         for r in recs:
             for q in (r["src"], r["rephrase"]):
                 assert (q + " The answer is:" if name.startswith("evqa") else q) in prompts
+
+
+def test_vqa_asks_only_colours(small_world):
+    # questions about shape / count / stripes stay at chance for a tiny model: only colours are asked
+    assert W.VQA_TYPES == ("color", "background") and set(W.VQA_QUESTIONS) == set(W.VQA_TYPES)
+    for qs in W.VQA_QUESTIONS.values():
+        assert len(qs) >= 3 and all("color" in q or "colour" in q for q in qs), qs
+    colour_qs = {q for qs in W.VQA_QUESTIONS.values() for q in qs}
+    ents = {e["id"]: e for e in json.loads((small_world / "entities.json").read_text())}
+    for name, recs, _ in _datasets(small_world):
+        for r in recs:
+            if name.startswith("evqa"):
+                assert {r["src"], r["rephrase"]} <= colour_qs, r
+                assert r["pred"] in W.COLORS and r["alt"] in W.COLORS, r
+            if not name.startswith("vlkeb"):  # E-VQA and E-IC share the VQA m_loc questions
+                assert r["m_loc_q"] in colour_qs and r["m_loc_a"] in W.COLORS, r
+    pretrain = W.load_pretrain(small_world, "train") + W.load_pretrain(small_world, "heldout")
+    vqa = [ex for ex in pretrain if ex["kind"] == "vqa"]
+    assert vqa
+    for ex in vqa:
+        (_, qtype), _ = _template(ex)
+        assert ex["target"] == ents[_eid(ex["image"])][qtype], ex
+    # entities still vary in everything else (captions show it)
+    captions = {e["caption"] for e in ents.values()}
+    assert any("striped" in c for c in captions) and any(c.startswith("three") for c in captions)
+
+
+def test_every_template_pretrained(small_world):
+    train = W.load_pretrain(small_world, "train")
+    seen = {_template(ex) for ex in train if ex["kind"] != "text"}
+    for key, qs in LISTS.items():
+        for q in qs:
+            assert (key, q) in seen, (key, q)
+    prompts = {ex["prompt"] for ex in train if ex["kind"] == "text"}
+    families: dict[str, list] = {}
+    for f in W.text_facts():
+        families.setdefault(f.family, []).append(f)
+    for fam, facts in families.items():  # template j of a family: questions[j] of its facts
+        for j in range(len(facts[0].questions)):
+            assert any(f"nq question: {f.questions[j]}?" in prompts for f in facts), (fam, j)
+            assert any(f"{f.questions[j]}?" in prompts for f in facts), (fam, j)
+
+
+def test_heldout_paraphrases_are_unseen_pairs(small_world):
+    train = W.load_pretrain(small_world, "train")
+    held = W.load_pretrain(small_world, "heldout")
+    trained_pairs = {(_eid(ex["image"]), *_template(ex)) for ex in train if ex["kind"] != "text"}
+    pt_entities = {_eid(ex["image"]) for ex in train if ex["image"]}
+    n_para = 0
+    for ex in held:
+        if ex["kind"] == "text":
+            continue
+        eid, (key, q) = _eid(ex["image"]), _template(ex)
+        rotated = LISTS[key][(int(eid[1:]) + int(eid[1:]) // len(LISTS[key])) % len(LISTS[key])]
+        if "paraphrase" in ex["heldout"]:
+            n_para += 1
+            assert eid in pt_entities  # the entity is pretrained, with its other templates ...
+            assert (eid, key, q) not in trained_pairs, ex  # ... but never with this one
+            assert q == rotated, ex
+        else:  # "render": a template the entity trains on
+            assert q != rotated, ex
+    assert n_para
+    # no pretraining entity ever sees the template it holds out
+    for eid, key, q in trained_pairs:
+        i = int(eid[1:])
+        assert q != LISTS[key][(i + i // len(LISTS[key])) % len(LISTS[key])], (eid, key, q)
+    # text: fact i holds out template i % 3 (with and without the prefix); the others are trained
+    prompts = {ex["prompt"] for ex in train}
+    held_text = {ex["prompt"] for ex in held if ex["kind"] == "text"}
+    assert {ex["heldout"] for ex in held if ex["kind"] == "text"} == {"paraphrase"}
+    for i, f in enumerate(W.text_facts()):
+        for j, q in enumerate(f.questions):
+            for prompt in (f"nq question: {q}?", f"{q}?"):
+                assert (prompt in held_text) == (j == i % len(f.questions)), prompt
+                assert (prompt in prompts) == (j != i % len(f.questions)), prompt
+
+
+def test_heldout_rotation_spreads_templates():
+    ents = W.all_entities()
+    for n in (5, 6):  # VQA / VLKEB lists (5), caption prompts (6)
+        held = [W.heldout_template(e.idx, n) for e in ents]
+        counts = np.bincount(held, minlength=n)
+        assert len(counts) == n and counts.min() > 0.9 * len(ents) / n, counts
+        # not tied to any attribute value: every value holds out every template somewhere
+        for attr in ("count", "pattern", "color", "background", "shape"):
+            for v in {getattr(e, attr) for e in ents}:
+                got = {h for e, h in zip(ents, held) if getattr(e, attr) == v}
+                assert got == set(range(n)), (n, attr, v, got)
+    for i, f in enumerate(W.text_facts()):
+        assert f.heldout == i % len(f.questions)
+        assert f.heldout_question not in f.train_questions
+        assert len(f.train_questions) == len(f.questions) - 1
 
 
 def test_text_corpus_covers_everything(small_world):
