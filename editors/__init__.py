@@ -1,15 +1,9 @@
 """Editor registry. A new editor is a package ``editors/<name>/`` whose module registers its class
-with ``@EDITORS.register("<name>")``, plus one config per backbone in ``configs/<name>/``."""
-import importlib
-
+with ``@EDITORS.register("<name>")``, imported below, plus one config per backbone in
+``configs/<name>/``."""
 from utils.registry import Registry
 
 EDITORS = Registry("editor")
 
-# Importing an editor module registers it.
-for _module in ("editors.none", "editors.ft_l", "editors.liveedit"):
-    try:
-        importlib.import_module(_module)
-    except ModuleNotFoundError as e:
-        if e.name != _module:  # a missing dependency inside an editor is a real error
-            raise
+# Importing an editor package registers it.
+from editors import ft_l, liveedit, none  # noqa: E402,F401
