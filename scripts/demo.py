@@ -1,12 +1,12 @@
 """The main job on the embedded default, end to end, with the project's own two scripts:
 
-1. train LiveEdit on SYNTH-EVQA with tiny-blip2 (the synthetic world and the tiny backbone are built
+1. train LiveEdit on SYNTH-EVQA with tiny-llava (the synthetic world and the tiny backbone are built
    on first use and cached under data/synthetic/);
 2. evaluate it in the lifelong protocol (T = 100 edits per chunk), beside the `none` floor.
 
 Each command is printed before it runs, so it can be copied and changed.
 
-    python scripts/demo.py [--backbone tiny-blip2] [--dataset SYNTH-EVQA] [--steps 1500] [-sen 100]
+    python scripts/demo.py [--backbone tiny-llava] [--dataset SYNTH-EVQA] [--steps 1500] [-sen 100]
 """
 import argparse
 import re
@@ -33,7 +33,7 @@ def run(cmd: list[str]) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="tiny-blip2")
+    p.add_argument("--backbone", default="tiny-llava")
     p.add_argument("--dataset", default="SYNTH-EVQA")
     p.add_argument("--steps", type=int, default=1500, help="LiveEdit training steps")
     p.add_argument("--batch_size", type=int, default=8)
