@@ -21,15 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 N = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread when the cores are shared (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_evqa(tmp_path_factory.mktemp("evqa"), n=N)

@@ -28,15 +28,6 @@ LAYER = 2                       # the conftest tiny models have 4 decoder layers
 QUESTION = "What color is the shape? The answer is:"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_config(**over) -> LiveEditConfig:
     kw = dict(edit_layer=LAYER, d_m=32, heads=4, rank=4, n_queries=4, scale=5.0,
               train=LiveEditTrain(lr=3e-3, lr_cut_step=None))

@@ -35,15 +35,6 @@ def test_editors():
     dummy_editor.unregister()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only contend.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def evqa_dir(tmp_path_factory):
     """A tiny dataset in the E-VQA layout: <data_dir>/easy-edit-mm/{vqa/vqa_train.json, images/}."""
