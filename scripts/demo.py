@@ -6,7 +6,7 @@
 
 Each command is printed before it runs, so it can be copied and changed.
 
-    python scripts/demo.py [--backbone tiny-llava] [--dataset SYNTH-EVQA] [--steps 1500] [-sen 100]
+    python scripts/demo.py [--backbone tiny-llava] [--dataset SYNTH-EVQA] [--steps 3000] [-sen 100]
 """
 import argparse
 import re
@@ -35,7 +35,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="tiny-llava")
     p.add_argument("--dataset", default="SYNTH-EVQA")
-    p.add_argument("--steps", type=int, default=1500, help="LiveEdit training steps")
+    p.add_argument("--steps", type=int, default=3000, help="LiveEdit training steps")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("-sen", "--sequential_edit_n", type=int, default=100)
     p.add_argument("-dsn", "--data_sample_n", type=int, default=1000)
