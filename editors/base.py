@@ -5,7 +5,7 @@
 - ``layer_edits()``: what the editor applies to decoder-layer outputs during a forward (memory-based
   editors such as LiveEdit route here; weight-editing editors return ``{}``);
 - for trainable editors: ``trainable_parameters()`` and ``training_losses(records)`` for the shared
-  training loop, and ``load_checkpoint``;
+  training loop, and ``load_trainable_state_dict`` for a trained checkpoint;
 - optionally ``save_state`` / ``load_state`` of what the edits produced.
 """
 from pathlib import Path

@@ -5,7 +5,8 @@ A checkpoint is what ``train_vllm_editor.py`` writes (``training/checkpoint.py``
 step), or any safetensors file, or a folder holding one. Its owner is read from the safetensors metadata keys ``editor`` and ``backbone`` or, failing that,
 from a ``config.yaml`` beside the weights that names them (top-level keys ``editor`` / ``backbone``,
 or ``editor_name`` / ``edit_model_name``, possibly one level down, e.g. under ``run:``).
-The training side writes the metadata with :func:`checkpoint_metadata`.
+The training loop writes these keys into ``trainable.safetensors``; editors that save an edited state
+use :func:`checkpoint_metadata` for theirs.
 
 The editor config a checkpoint was trained with is the top-level ``editor_config`` of that
 ``config.yaml`` (the training loop writes it into every ``step_<N>/`` folder and into the run folder);
@@ -145,10 +146,7 @@ def check_checkpoint(path, editor: str, backbone: str) -> Path:
 
 
 def load_checkpoint(editor_obj, weights: Path) -> None:
-    """Load trained weights into an editor (its own ``load_checkpoint`` if it has one)."""
-    if hasattr(editor_obj, "load_checkpoint"):
-        editor_obj.load_checkpoint(weights)
-        return
+    """Load the trained weights of a checked checkpoint (see :func:`check_checkpoint`) into an editor."""
     from safetensors.torch import load_file
 
     editor_obj.load_trainable_state_dict(load_file(str(weights), device="cpu"))

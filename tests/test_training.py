@@ -12,19 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import dummy_editor
+from fixtures import write_evqa
 import train_vllm_editor
 from training import load_trained_weights, read_metadata, resolve_checkpoint
 from training.data import BatchOrder, Position, shard
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (230, 220, 40),
-           "purple": (140, 40, 180), "orange": (240, 140, 20), "white": (245, 245, 245)}
 N_RECORDS, BS, STEPS, CUT = 7, 3, 6, 3   # 3 batches per epoch (3, 3, 1): steps 4-6 are epoch 2
 
 
@@ -37,28 +35,7 @@ def test_editors():
 
 @pytest.fixture(scope="module")
 def evqa_dir(tmp_path_factory):
-    """A tiny dataset in the E-VQA layout: <data_dir>/easy-edit-mm/{vqa/vqa_train.json, images/}."""
-    data_dir = tmp_path_factory.mktemp("data")
-    base = data_dir / "easy-edit-mm"
-    (base / "images").mkdir(parents=True)
-    (base / "vqa").mkdir()
-    names = list(COLOURS)
-    rows = []
-    for i in range(N_RECORDS):
-        colour = names[i % len(names)]
-        for suffix, offset in (("a", 0), ("b", 6)):
-            im = Image.new("RGB", (32, 32), COLOURS[colour])
-            for x in range(6 + offset, 22 + offset // 2):
-                for y in range(10, 20):
-                    im.putpixel((x, y), (10, 10, 10))
-            im.save(base / "images" / f"{i}{suffix}.png")
-        rows.append({"src": "What color is the shape?", "rephrase": "Which colour does the shape have?",
-                     "pred": colour, "alt": names[(i + 2) % len(names)], "image": f"{i}a.png",
-                     "image_rephrase": f"{i}b.png", "loc": f"nq question: who rules zorbia {i}",
-                     "loc_ans": "Queen Quell", "m_loc": f"{(i + 1) % N_RECORDS}a.png",
-                     "m_loc_q": "What shape is it?", "m_loc_a": "circle"})
-    (base / "vqa" / "vqa_train.json").write_text(json.dumps(rows), encoding="utf-8")
-    return data_dir
+    return write_evqa(tmp_path_factory.mktemp("data"), n=N_RECORDS)
 
 
 def write_config(path: Path, dropout=0.1, random_rephrase=True, cut=CUT) -> Path:
