@@ -5,19 +5,41 @@ flags), or call :func:`ensure_world` from code.
 
 The world
 ---------
-An *entity* is a picture described by five attributes:
+An *entity* is a picture described by six attributes:
 
 * ``shape``      one of :data:`SHAPES` (8 shapes),
 * ``color``      the colour of the shape(s), one of :data:`COLORS` (11 colours),
 * ``background`` the background colour, also one of :data:`COLORS` (never the shape colour, and
                  only pairs with enough contrast, see :data:`MIN_CONTRAST`),
-* ``count``      1, 2 or 3 copies of the shape,
+* ``frame``      the colour of a thick border around the whole picture (:func:`frame_width`,
+                 6 px at 64 px), one of :data:`COLORS`: never the shape or background colour,
+                 and contrasting with the background like the shape,
+* ``count``      1, 2 or 3 copies of the shape (always inside the frame),
 * ``pattern``    ``solid`` or ``striped`` (diagonal stripes in a darker or lighter shade of the colour).
 
-That gives 4,608 entities. Every entity has any number of *renders*: render ``k`` of entity ``e``
-is a deterministic function of ``(seed, e, k)`` (position, layout rotation, scale, small rotation,
-colour shift and pixel noise vary). Renders ``k = 0`` and ``k = 1`` are reserved for the datasets
-(``image`` / ``m_loc`` and ``image_rephrase``); renders ``k >= 2`` are pretraining renders.
+The *colour signature* of an entity is ``(color, background, frame)``: 746 valid signatures.
+The tiny backbones (32x32 input) reliably perceive only the colours of large regions, so the
+signature is all that tells two images apart for them (and for an editor's visual filter).
+Crossing every attribute would give ~36k entities; instead each signature gets
+``WorldConfig.entities_per_signature`` (default 8) entities with distinct (shape, count,
+pattern) drawn from the seed: 5,968 entities by default (:func:`all_entities`).
+
+Every entity has any number of *renders*: render ``k`` of entity ``e`` is a deterministic
+function of ``(seed, e, k)`` (position, layout rotation, scale, small rotation, colour shift
+and pixel noise vary; the frame is painted over everything, so it is always fully visible).
+Renders ``k = 0`` and ``k = 1`` are reserved for the datasets (``image`` / ``m_loc`` and
+``image_rephrase``); renders ``k >= 2`` are pretraining renders.
+
+Never-edited signatures. An m_loc image must be unrelated to every edit, and a tiny backbone
+only sees colours: an m_loc image with the colours of an edited image looks like that image,
+and the editor fires on it (with only (shape colour, background) pairs, 96 of them, an m_loc
+image shared its pair with one of 100 edits ~64% of the time). Real datasets never have this:
+their m_loc images come from other sources and every real image is distinct. So about 12% of
+the signatures (:data:`LOC_SIGNATURE_FRACTION`, 90 of 746, chosen from the seed) are reserved:
+the m_loc pool takes its entities from them, and no train or eval edit entity of any dataset
+has one. Reserved entities are still pretrained (the backbone must know the m_loc answers).
+Edit entities are dealt round-robin over the other signatures, so consecutive records (the
+edits of one chunk) have different colour signatures.
 
 Knowledge on top of perception (VLKEB style): every (shape, colour) pair is the emblem of a
 made-up *city* (88 names) and every background colour is the flag of a made-up *country*
@@ -27,35 +49,37 @@ Text-only facts (text locality) are small compositional families: next day/month
 successor of a number, small additions, opposites, animal sounds, plurals, polygon sides, colour
 mixing (230 facts). Each family has three paraphrase templates.
 
-Questions. SYNTH-EVQA and the pretraining VQA examples ask only about the two colours of the
-image (:data:`VQA_TYPES`: the shape's colour and the background colour), which a tiny model
-learns from pixels within its pretraining budget; shape, count and stripes still vary, still
-appear in captions and still pick the VLKEB city, so every entity keeps its visual identity.
+Questions. SYNTH-EVQA and the pretraining VQA examples ask only about the three colours of the
+image (:data:`VQA_TYPES`: the shape's colour, the background colour and the frame colour), which
+a tiny model learns from pixels within its pretraining budget; shape, count and stripes still
+vary, still appear in captions and still pick the VLKEB city, so every entity keeps its visual
+identity.
 
 Held-out paraphrases rotate over items. Every template of every list (VQA questions, caption
 prompts, VLKEB questions, text-fact templates) is pretrained, but each item holds one out: entity
 ``e`` never sees template :func:`heldout_template` ``(e.idx, n)`` of a list of ``n`` (a rotation
-on the entity index, skewed so it does not follow count and pattern), and text fact ``i`` never
-sees template ``i % 3`` of its family (with or without the ``"nq question: "`` prefix). Each
-template is therefore learnt with other items, and the held-out paraphrase examples of
-``pretrain/heldout.json`` are exactly the unseen (item, template) pairs. Dataset records may use
-any template (``src != rephrase``); ``loc`` uses a trained template of its fact.
+on the entity index, skewed so it does not follow blocks of consecutive entities), and text fact
+``i`` never sees template ``i % 3`` of its family (with or without the ``"nq question: "``
+prefix). Each template is therefore learnt with other items, and the held-out paraphrase
+examples of ``pretrain/heldout.json`` are exactly the unseen (item, template) pairs. Dataset
+records may use any template (``src != rephrase``); ``loc`` uses a trained template of its fact.
 
 Edit targets (``alt``) are wrong answers that the pretrained model does not already predict:
-SYNTH-EVQA uses a colour that is neither of the image's two colours, SYNTH-VLKEB another city or
-country; SYNTH-EIC (``pred`` = the true caption, e.g. "two striped red stars on a blue background")
-uses a wrong description in a phrasing that pretraining never uses, ``"sketch of {count} {shape}
-in {colour}"`` with a wrong count, a wrong shape and a colour absent from the image (e.g. "sketch
-of a cross in green"). True captions start with a count word ("a", "an", "two", "three") and
-share most of their tokens ("on a ... background"), so a caption of another entity would score
-~55% teacher-forced accuracy before any edit; the quality bar is <= 25%.
+SYNTH-EVQA uses a colour that is none of the image's three colours, SYNTH-VLKEB another city or
+country; SYNTH-EIC (``pred`` = the true caption, e.g. "two striped red stars on a blue background
+with a green frame") uses a wrong description in a phrasing that pretraining never uses,
+``"sketch of {count} {shape} in {colour}"`` with a wrong count, a wrong shape and a colour absent
+from the image (e.g. "sketch of a cross in yellow"). True captions start with a count word ("a",
+"an", "two", "three") and share most of their tokens ("on a ... background with a ... frame"), so
+a caption of another entity would score high teacher-forced accuracy before any edit; the
+quality bar is <= 25%.
 
 Files written under ``<out>``
 -----------------------------
 ::
 
     world.json                                   manifest (seed, config, vocabulary, counts), written last
-    entities.json                                every entity: id, attributes, city, country, split
+    entities.json                                every entity: id, attributes, city, country, split, reserved
     easy-edit-mm/vqa/vqa_train.json, vqa_eval.json                  SYNTH-EVQA (real E-VQA schema)
     easy-edit-mm/caption/caption_train_edit.json, caption_eval_edit.json   SYNTH-EIC
     easy-edit-mm/images/{train,eval,rephrase,loc}/<eid>_<k>.png     images of both (shared)
@@ -68,7 +92,8 @@ Files written under ``<out>``
 Dataset records have exactly the keys of the real data (:data:`RECORD_KEYS`); image paths are
 relative to the dataset's image root (``easy-edit-mm/images`` or ``VLKEB/mmkb_images``).
 Train and eval use disjoint entity sets, and ``m_loc`` images come from a third pool of
-entities that is never edited.
+entities that is never edited and whose colour signatures no edited entity has
+(``entities.json`` marks them ``"reserved"``; ``world.json`` lists them).
 
 Pretraining corpus format: a JSON list of ``{"image": <path relative to <out>> | null,
 "prompt": str, "target": str, "kind": "vqa" | "caption" | "vlkeb" | "text"}``; heldout entries
@@ -80,11 +105,11 @@ the evaluation's task format (``"{question} The answer is:"`` for VQA, ``"{loc}?
 not end in whitespace). Text facts are < 1% of ``train.json``: oversample ``kind == "text"``.
 
 Default sizes (seed 0): 2,000 train / 1,000 eval records per dataset, an m_loc pool of 500
-entities, 2 pretraining renders for each of the 4,608 entities: ~84k pretraining examples
-(12 MB), ~10k held-out examples, ~22k PNG files (64x64 RGB, ~110 MB). Each dataset's train and
-eval records use one distinct entity per record. For extra image augmentation while
-pretraining, :func:`render_entity` with ``k >= 2 + pretrain_renders`` gives fresh renders that
-are never dataset images.
+entities (of the 720 with reserved signatures), 2 pretraining renders for each of the 5,968
+entities: ~132k pretraining examples (19 MB), ~12k held-out examples, ~25k PNG files (64x64
+RGB, ~80 MB); ~20 s on 2 cores. Each dataset's train and eval records use one distinct entity
+per record. For extra image augmentation while pretraining, :func:`render_entity` with
+``k >= 2 + pretrain_renders`` gives fresh renders that are never dataset images.
 """
 
 from __future__ import annotations
@@ -112,7 +137,7 @@ try:  # tqdm is optional: progress output only
 except ImportError:  # pragma: no cover
     _tqdm = None
 
-FORMAT_VERSION = 5  # bump whenever the generated content changes: stale worlds are regenerated
+FORMAT_VERSION = 6  # bump whenever the generated content changes: stale worlds are regenerated
 MANIFEST = "world.json"
 
 RECORD_KEYS = (
@@ -155,14 +180,17 @@ COLORS = {
     "black": (25, 25, 25),
     "gray": (128, 128, 128),
 }
-MIN_CONTRAST = 110.0  # minimal RGB distance between shape colour and background colour
+MIN_CONTRAST = 110.0  # minimal RGB distance of shape colour and of frame colour to the background
 COUNTS = (1, 2, 3)
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 PATTERNS = ("solid", "striped")
 
-# VQA questions ask only about the two colours of the image (the shape's and the background's):
+# Fraction of colour signatures whose entities form the m_loc pool and are never edited.
+LOC_SIGNATURE_FRACTION = 0.12
+
+# VQA questions ask only about the three colours of the image (shape, background, frame):
 # shape identity, count and stripes stay in captions and in the VLKEB city lookup.
-VQA_TYPES = ("color", "background")
+VQA_TYPES = ("color", "background", "frame")
 # Paraphrase lists: every template is pretrained; each entity holds out one template of each list
 # (see :func:`heldout_template`), used only in pretrain/heldout.json.
 VQA_QUESTIONS = {
@@ -179,6 +207,13 @@ VQA_QUESTIONS = {
         "Which color is behind the shape?",
         "What colour is the backdrop of the image?",
         "Tell me the color of the background.",
+    ),
+    "frame": (
+        "What color is the frame?",
+        "What is the color of the border?",
+        "Which color is the edge of the picture?",
+        "What colour is the border around the image?",
+        "Tell me the color of the frame.",
     ),
 }
 CAPTION_SRC = "a photo of"
@@ -241,11 +276,11 @@ _MIXES = (("red", "yellow", "orange"), ("blue", "yellow", "green"), ("red", "blu
 def heldout_template(idx: int, n: int) -> int:
     """Index of the paraphrase template that entity ``idx`` holds out of a list of ``n``.
 
-    A rotation on the entity index, advanced by one every ``n`` entities: in the canonical
-    entity order the innermost attributes (count x pattern) repeat every 6 entities, so a plain
-    ``idx % 6`` would tie the held-out caption prompt to count and pattern; the skew spreads every
-    template over every attribute value. Each template is held out for ~1/n of the entities and
-    trained with all the others."""
+    A rotation on the entity index, advanced by one every ``n`` entities: consecutive entities
+    share their colour signature (and signatures their shape colour and background), so the skew
+    keeps a plain ``idx % n`` from lining up with such blocks; every template is spread over
+    every attribute value. Each template is held out for ~1/n of the entities and trained with
+    all the others."""
     return (idx + idx // n) % n
 
 
@@ -322,6 +357,7 @@ class Entity:
     shape: str
     color: str
     background: str
+    frame: str
     count: int
     pattern: str
 
@@ -329,26 +365,49 @@ class Entity:
     def id(self) -> str:
         return f"e{self.idx:04d}"
 
+    @property
+    def signature(self) -> tuple[str, str, str]:
+        """The colours a tiny backbone perceives: (shape colour, background, frame)."""
+        return (self.color, self.background, self.frame)
+
     def attrs(self) -> dict:
         return {"shape": self.shape, "color": self.color, "background": self.background,
-                "count": self.count, "pattern": self.pattern}
+                "frame": self.frame, "count": self.count, "pattern": self.pattern}
 
 
 def _contrast(a: str, b: str) -> float:
     return math.dist(COLORS[a], COLORS[b])
 
 
-def all_entities() -> list[Entity]:
-    """Every valid attribute combination, in canonical order (index = ``Entity.idx``)."""
+def signatures() -> list[tuple[str, str, str]]:
+    """Every valid colour signature ``(color, background, frame)``, in canonical order: the
+    background differs from both other colours and contrasts with both (:data:`MIN_CONTRAST`)."""
     out = []
-    for shape in SHAPES:
-        for color in COLORS:
-            for bg in COLORS:
-                if bg == color or _contrast(color, bg) < MIN_CONTRAST:
-                    continue
-                for count in COUNTS:
-                    for pattern in PATTERNS:
-                        out.append(Entity(len(out), shape, color, bg, count, pattern))
+    for color in COLORS:
+        for bg in COLORS:
+            if bg == color or _contrast(color, bg) < MIN_CONTRAST:
+                continue
+            for frame in COLORS:
+                if frame not in (color, bg) and _contrast(frame, bg) >= MIN_CONTRAST:
+                    out.append((color, bg, frame))
+    return out
+
+
+# Every (shape, count, pattern): an entity's form, which a tiny backbone hardly perceives.
+FORMS = tuple((s, c, p) for s in SHAPES for c in COUNTS for p in PATTERNS)
+
+
+def all_entities(seed: int = 0, per_signature: int = 8) -> list[Entity]:
+    """The entity universe of ``seed``: for each signature (canonical order), ``per_signature``
+    entities with distinct (shape, count, pattern) drawn from the seed (index = ``Entity.idx``).
+    Crossing every attribute would give ~36k entities, mostly alike to a colour-blind eye."""
+    if not 1 <= per_signature <= len(FORMS):
+        raise ValueError(f"per_signature must be in 1..{len(FORMS)}, got {per_signature}")
+    rng = random.Random(f"{seed}:forms")
+    out = []
+    for color, bg, frame in signatures():
+        for shape, count, pattern in rng.sample(FORMS, per_signature):
+            out.append(Entity(len(out), shape, color, bg, frame, count, pattern))
     return out
 
 
@@ -382,14 +441,14 @@ class World:
         return self.countries[e.background]
 
 
-def build_world(seed: int = 0) -> World:
-    """Knowledge lookups (cities, countries) for ``seed``; deterministic."""
+def build_world(seed: int = 0, per_signature: int = 8) -> World:
+    """Entities and knowledge lookups (cities, countries) for ``seed``; deterministic."""
     rng = random.Random(f"{seed}:names")
     taken: set = set()
     pairs = [f"{s}|{c}" for s in SHAPES for c in COLORS]
     city_names = _make_names(rng, len(pairs), _CITY_END, taken)
     country_names = _make_names(rng, len(COLORS), _COUNTRY_END, taken)
-    return World(seed, all_entities(), dict(zip(pairs, city_names)),
+    return World(seed, all_entities(seed, per_signature), dict(zip(pairs, city_names)),
                  dict(zip(COLORS, country_names)))
 
 
@@ -398,13 +457,15 @@ def vqa_answer(e: Entity, qtype: str) -> str:
         return e.color
     if qtype == "background":
         return e.background
+    if qtype == "frame":
+        return e.frame
     raise ValueError(f"unknown VQA question type {qtype!r}; expected one of {VQA_TYPES}")
 
 
 def vqa_alt(rng: random.Random, e: Entity) -> str:
-    """A wrong answer to a VQA question (all ask for a colour): a colour that is neither the
-    shape's nor the background's, so the edit target is never a colour of the image."""
-    return rng.choice([c for c in COLORS if c not in (e.color, e.background)])
+    """A wrong answer to a VQA question (all ask for a colour): none of the image's three
+    colours, so the edit target is never a colour of the image."""
+    return rng.choice([c for c in COLORS if c not in e.signature])
 
 
 def caption(e: Entity) -> str:
@@ -415,7 +476,8 @@ def caption(e: Entity) -> str:
     if det == "a" and words[0] in "aeiou":
         det = "an"
     bg_det = "an" if e.background[0] in "aeiou" else "a"
-    return f"{det} {words} on {bg_det} {e.background} background"
+    fr_det = "an" if e.frame[0] in "aeiou" else "a"
+    return f"{det} {words} on {bg_det} {e.background} background with {fr_det} {e.frame} frame"
 
 
 ALT_CAPTION_LEAD = "sketch"  # first word of every SYNTH-EIC edit target; no true caption's
@@ -424,12 +486,12 @@ ALT_CAPTION_LEAD = "sketch"  # first word of every SYNTH-EIC edit target; no tru
 def alt_caption(rng: random.Random, e: Entity) -> str:
     """SYNTH-EIC edit target: a plausible but wrong description of ``e``, in a phrasing that the
     pretraining corpus never uses (``"sketch of {count} {shape} in {colour}"``), with a wrong
-    count, a wrong shape and a colour that is neither the shape's nor the background's. A model
+    count, a wrong shape and a colour that is none of the image's three colours. A model
     that knows the world predicts none of its tokens (a true caption starts with a count word:
     ``a``, ``an``, ``two`` or ``three``, never with :data:`ALT_CAPTION_LEAD`)."""
     count = rng.choice([c for c in COUNTS if c != e.count])
     shape = rng.choice([s for s in SHAPES if s != e.shape])
-    color = rng.choice([c for c in COLORS if c not in (e.color, e.background)])
+    color = rng.choice([c for c in COLORS if c not in e.signature])
     noun = shape if count == 1 else SHAPE_PLURALS[shape]
     det = COUNT_WORDS[count]
     if det == "a" and noun[0] in "aeiou":
@@ -489,11 +551,38 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     draw.polygon(pts, fill=255)
 
 
-_LAYOUT = {  # count -> (radius of each shape, distance of its centre from the image centre), in
-    1: (0.31, 0.0),  # fractions of the image size
-    2: (0.20, 0.235),
-    3: (0.17, 0.265),
+# count -> (radius of each shape, distance of its centre from the centre, position jitter), in
+# fractions of the area inside the frame. A shape reaches at most 1.15 radii from its centre
+# (triangle) at scale <= 1.08, so distance + jitter + 1.242 radii <= 0.5: always inside the frame.
+_LAYOUT = {
+    1: (0.31, 0.0, 0.06),
+    2: (0.19, 0.22, 0.02),
+    3: (0.16, 0.255, 0.02),
 }
+
+
+def frame_width(size: int) -> int:
+    """Width in pixels of the frame drawn around every render (6 px at 64 px)."""
+    return max(1, round(size / 10))
+
+
+def _shape_mask(e: Entity, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Coverage in [0, 1] of the shape(s), ``size`` x ``size``, zero on the frame band."""
+    ss = size * 2  # draw the mask at 2x and downsample for smooth edges
+    inner = ss - 4 * frame_width(size)  # side of the area inside the frame, at 2x
+    mask = Image.new("L", (ss, ss), 0)
+    draw = ImageDraw.Draw(mask)
+    frac_r, frac_d, frac_j = _LAYOUT[e.count]
+    r = frac_r * inner * rng.uniform(0.9, 1.08)
+    theta = rng.uniform(0, 2 * math.pi)
+    jx, jy = rng.uniform(-frac_j * inner, frac_j * inner, size=2)
+    for i in range(e.count):
+        a = theta + 2 * math.pi * i / e.count
+        cx = ss / 2 + frac_d * inner * math.cos(a) + jx
+        cy = ss / 2 + frac_d * inner * math.sin(a) + jy
+        rot = math.radians(rng.uniform(-12, 12))
+        _draw_shape(draw, e.shape, cx, cy, r, rot)
+    return np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
 
 
 def render_entity(e: Entity, k: int, seed: int, size: int = 64) -> Image.Image:
@@ -503,24 +592,10 @@ def render_entity(e: Entity, k: int, seed: int, size: int = 64) -> Image.Image:
     any extra pretraining augmentation.
     """
     rng = np.random.default_rng([seed, e.idx, k, 7919])
-    ss = size * 2  # draw the mask at 2x and downsample for smooth edges
-    mask = Image.new("L", (ss, ss), 0)
-    draw = ImageDraw.Draw(mask)
-    frac_r, frac_d = _LAYOUT[e.count]
-    scale = rng.uniform(0.9, 1.08)
-    r = frac_r * ss * scale
-    theta = rng.uniform(0, 2 * math.pi)
-    jit = 0.06 * ss if e.count == 1 else 0.03 * ss
-    jx, jy = rng.uniform(-jit, jit, size=2)
-    for i in range(e.count):
-        a = theta + 2 * math.pi * i / e.count
-        cx = ss / 2 + frac_d * ss * math.cos(a) + jx
-        cy = ss / 2 + frac_d * ss * math.sin(a) + jy
-        rot = math.radians(rng.uniform(-12, 12))
-        _draw_shape(draw, e.shape, cx, cy, r, rot)
-    m = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    m = _shape_mask(e, rng, size)
     fg = np.clip(np.array(COLORS[e.color], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
     bg = np.clip(np.array(COLORS[e.background], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
+    fr = np.clip(np.array(COLORS[e.frame], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
     img = bg[None, None, :] * (1 - m[..., None]) + fg[None, None, :] * m[..., None]
     if e.pattern == "striped":
         # Diagonal stripes in a darker or lighter shade of the shape colour (whichever stands
@@ -537,6 +612,10 @@ def render_entity(e: Entity, k: int, seed: int, size: int = 64) -> Image.Image:
         shade = cands[int(np.argmax(score))] + (fg - base)
         sm = (m * stripe)[..., None]
         img = img * (1 - sm) + np.clip(shade, 0, 255)[None, None, :] * sm
+    # The frame is painted over the shapes on the whole border, so no layout or jitter hides it.
+    w = frame_width(size)
+    for band in (np.s_[:w, :], np.s_[-w:, :], np.s_[:, :w], np.s_[:, -w:]):
+        img[band] = fr
     # Luminance noise on a half-resolution grid: variation without bloating the PNGs.
     half = max(size // 2, 1)
     noise = rng.normal(0.0, 5.0, (half, half, 1)).astype(np.float32)
@@ -572,11 +651,12 @@ class WorldConfig:
     seed: int = 0
     n_train: int = 2000  # records per dataset, train split
     n_eval: int = 1000  # records per dataset, eval split
-    n_loc: int = 500  # entities of the m_loc pool (never edited)
+    n_loc: int = 500  # entities of the m_loc pool (never edited; reserved signatures only)
     pretrain_renders: int = 2  # pretraining renders per entity (k = 2 .. 1 + pretrain_renders)
     extra_entities: int = -1  # entities beyond train/eval/loc that get pretraining renders (-1: all)
     n_heldout_renders: int = 500  # dataset renders sampled into pretrain/heldout.json
     image_size: int = 64
+    entities_per_signature: int = 8  # entities per colour signature, distinct (shape, count, pattern)
 
     def validate(self) -> None:
         for f in fields(self):
@@ -592,28 +672,41 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.extra_entities must be >= -1, got {self.extra_entities}")
         if self.n_heldout_renders < 0:
             raise ValueError(f"WorldConfig.n_heldout_renders must be >= 0, got {self.n_heldout_renders}")
+        if not 1 <= self.entities_per_signature <= len(FORMS):
+            raise ValueError(f"WorldConfig.entities_per_signature must be in 1..{len(FORMS)}, "
+                             f"got {self.entities_per_signature}")
         if self.image_size < 16 or self.image_size % 2:
             raise ValueError(f"WorldConfig.image_size must be an even int >= 16, got {self.image_size}")
 
 
-def _split_universe(cfg: WorldConfig, n_total: int, rng: random.Random):
-    """Shuffled entity indices -> (train, eval, loc, extra) pools, pairwise disjoint."""
-    order = list(range(n_total))
-    rng.shuffle(order)
-    n_loc = min(cfg.n_loc, max(1, n_total // 4))
-    rest = n_total - n_loc
-    if cfg.n_train + cfg.n_eval <= rest:
+def _split_universe(cfg: WorldConfig, ents: Sequence[Entity], rng: random.Random):
+    """Entity indices -> (train, eval, loc, extra) pools, pairwise disjoint, and the reserved
+    signatures. The m_loc pool takes its entities from reserved signatures only, which no edit
+    entity has, so an m_loc image never shows the colours of an edited one. Edit entities are
+    dealt round-robin over shuffled signatures, so consecutive records differ in colours."""
+    by_sig: dict[tuple, list[int]] = {}
+    for e in ents:
+        by_sig.setdefault(e.signature, []).append(e.idx)
+    sigs = list(by_sig)
+    rng.shuffle(sigs)
+    n_res = min(len(sigs) - 1, max(1, round(LOC_SIGNATURE_FRACTION * len(sigs))))
+    reserved, edit_sigs = sigs[:n_res], sigs[n_res:]
+    loc_cands = [i for sig in reserved for i in by_sig[sig]]
+    rng.shuffle(loc_cands)
+    n_loc = min(cfg.n_loc, len(loc_cands))
+    groups = [rng.sample(by_sig[sig], len(by_sig[sig])) for sig in edit_sigs]
+    order = [g[r] for r in range(max(map(len, groups))) for g in groups if r < len(g)]
+    if cfg.n_train + cfg.n_eval <= len(order):
         n_tr, n_ev = cfg.n_train, cfg.n_eval
     else:  # not enough entities for one per record: split proportionally, records cycle
-        n_tr = max(1, round(rest * cfg.n_train / (cfg.n_train + cfg.n_eval)))
-        n_ev = rest - n_tr
-    loc = order[:n_loc]
-    train = order[n_loc:n_loc + n_tr]
-    ev = order[n_loc + n_tr:n_loc + n_tr + n_ev]
-    extra = order[n_loc + n_tr + n_ev:]
+        n_tr = max(1, round(len(order) * cfg.n_train / (cfg.n_train + cfg.n_eval)))
+        n_ev = len(order) - n_tr
+    train, ev = order[:n_tr], order[n_tr:n_tr + n_ev]
+    extra = order[n_tr + n_ev:] + loc_cands[n_loc:]  # pretrained, never in a dataset
+    rng.shuffle(extra)
     if cfg.extra_entities >= 0:
         extra = extra[:cfg.extra_entities]
-    return train, ev, loc, extra
+    return train, ev, loc_cands[:n_loc], extra, sorted(reserved)
 
 
 # Paraphrase lists of the image examples: (kind, question type, templates, examples per
@@ -635,11 +728,12 @@ def entity_templates(idx: int, templates: Sequence[str]) -> tuple[str, list[str]
 class _Builder:
     def __init__(self, cfg: WorldConfig):
         self.cfg = cfg
-        self.world = build_world(cfg.seed)
+        self.world = build_world(cfg.seed, cfg.entities_per_signature)
         self.ents = self.world.entities
         self.facts = text_facts()
         rng = random.Random(f"{cfg.seed}:split")
-        self.train, self.eval, self.loc, self.extra = _split_universe(cfg, len(self.ents), rng)
+        self.train, self.eval, self.loc, self.extra, self.reserved = _split_universe(
+            cfg, self.ents, rng)
         # (entity idx, k) -> list of paths relative to <out>
         self.renders: dict[tuple[int, int], list[str]] = {}
 
@@ -829,11 +923,12 @@ class _Builder:
                            ("extra", self.extra)):
             for i in pool:
                 split_of[i] = name
+        reserved = set(self.reserved)
         rows = []
         for e in self.ents:
             rows.append({"id": e.id, **e.attrs(), "city": self.world.city(e),
                          "country": self.world.country(e), "split": split_of.get(e.idx, "unused"),
-                         "caption": caption(e)})
+                         "reserved": e.signature in reserved, "caption": caption(e)})
         return rows
 
 
@@ -906,12 +1001,15 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
         "pretrain": {"train": {"file": PRETRAIN_FILES["train"], "examples": len(pre_train)},
                      "heldout": {"file": PRETRAIN_FILES["heldout"], "examples": len(pre_held)}},
         "entities": {"total": len(b.ents), "train": len(b.train), "eval": len(b.eval),
-                     "loc": len(b.loc), "extra": len(b.extra), "file": "entities.json"},
+                     "loc": len(b.loc), "extra": len(b.extra), "file": "entities.json",
+                     "signatures": len({e.signature for e in b.ents}),
+                     "loc_signatures": [list(sig) for sig in b.reserved]},
         "images": {"renders": len(keys), "files": sum(len(v) for v in b.renders.values()),
                    "size": cfg.image_size},
         "vocabulary": {
             "shapes": list(SHAPES), "colors": {k: list(v) for k, v in COLORS.items()},
-            "backgrounds": list(COLORS), "counts": [str(c) for c in COUNTS],
+            "backgrounds": list(COLORS), "frames": list(COLORS),
+            "counts": [str(c) for c in COUNTS],
             "patterns": list(PATTERNS), "cities": b.world.cities, "countries": b.world.countries,
             "vqa_questions": {k: list(v) for k, v in VQA_QUESTIONS.items()},
             "caption_prompts": list(CAPTION_PROMPTS),
@@ -929,7 +1027,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
 
 
 def astuple_entity(e: Entity) -> tuple:
-    return (e.idx, e.shape, e.color, e.background, e.count, e.pattern)
+    return (e.idx, e.shape, e.color, e.background, e.frame, e.count, e.pattern)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -1122,6 +1220,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--n_heldout_renders", type=int, default=d.n_heldout_renders,
                    help="dataset renders sampled into pretrain/heldout.json")
     p.add_argument("--image_size", type=int, default=d.image_size, help="image side in pixels")
+    p.add_argument("--entities_per_signature", type=int, default=d.entities_per_signature,
+                   help="entities per colour signature (shape colour, background, frame)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes")
     p.add_argument("--force", action="store_true", help="regenerate even if the world is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -1132,7 +1232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = _parse_args(argv)
     cfg = WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval, n_loc=a.n_loc,
                       pretrain_renders=a.pretrain_renders, extra_entities=a.extra_entities,
-                      n_heldout_renders=a.n_heldout_renders, image_size=a.image_size)
+                      n_heldout_renders=a.n_heldout_renders, image_size=a.image_size,
+                      entities_per_signature=a.entities_per_signature)
     t0 = time.perf_counter()
     try:
         cfg.validate()

@@ -31,7 +31,7 @@ def _eid(path: str) -> str:
 
 # Every paraphrase list of the world: (kind, question type) -> templates.
 LISTS = {
-    **{("vqa", t): W.VQA_QUESTIONS[t] for t in ("color", "background")},
+    **{("vqa", t): W.VQA_QUESTIONS[t] for t in W.VQA_TYPES},
     ("caption", "caption"): W.CAPTION_PROMPTS,
     **{("vlkeb", t): W.VLKEB_QUESTIONS[t] for t in ("city", "country")},
 }
@@ -54,6 +54,14 @@ def _datasets(root: Path):
     for name in W.DATASET_FILES:
         recs, img_root = W.load_dataset(root, name)
         yield name, recs, img_root
+
+
+def _entities(root: Path) -> dict[str, dict]:
+    return {e["id"]: e for e in json.loads((root / "entities.json").read_text())}
+
+
+def _sig(e: dict) -> tuple[str, str, str]:
+    return (e["color"], e["background"], e["frame"])
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -157,17 +165,17 @@ def test_train_eval_entities_disjoint(small_world):
 
 
 def test_answers_true_and_alt_plausible(small_world):
-    ents = {e["id"]: e for e in json.loads((small_world / "entities.json").read_text())}
-    for e in W.all_entities()[::211]:  # colour alts: any colour but the image's two
+    ents = _entities(small_world)
+    for e in W.all_entities()[::211]:  # colour alts: any colour but the image's three
         alts = {W.vqa_alt(random.Random(f"a{i}"), e) for i in range(60)}
-        assert alts == set(W.COLORS) - {e.color, e.background}, (e, alts)
+        assert alts == set(W.COLORS) - {e.color, e.background, e.frame}, (e, alts)
     recs = W.load_dataset(small_world, "evqa_train")[0] + W.load_dataset(small_world, "evqa_eval")[0]
     for r in recs:
         e = ents[_eid(r["image"])]
         qtype = next(t for t, qs in W.VQA_QUESTIONS.items() if r["src"] in qs)
         assert r["rephrase"] in W.VQA_QUESTIONS[qtype] and r["rephrase"] != r["src"]
         assert r["pred"] == e[qtype]
-        assert r["alt"] in W.COLORS and r["alt"] not in (e["color"], e["background"])
+        assert r["alt"] in W.COLORS and r["alt"] not in _sig(e)
         le = ents[_eid(r["m_loc"])]
         mtype = next(t for t, qs in W.VQA_QUESTIONS.items() if r["m_loc_q"] in qs)
         assert r["m_loc_a"] == str(le[mtype])
@@ -180,7 +188,7 @@ def test_answers_true_and_alt_plausible(small_world):
         count = {"a": 1, "an": 1, "two": 2, "three": 3}[det]
         shape = next(s for s, pl in W.SHAPE_PLURALS.items() if noun == (s if count == 1 else pl))
         assert count != e["count"] and shape != e["shape"], (r["alt"], e)
-        assert color in W.COLORS and color not in (e["color"], e["background"]), (r["alt"], e)
+        assert color in W.COLORS and color not in _sig(e), (r["alt"], e)
     recs, _ = W.load_dataset(small_world, "vlkeb_eval")
     cities = {e["city"] for e in ents.values()}
     countries = {e["country"] for e in ents.values()}
@@ -197,12 +205,87 @@ def test_answers_true_and_alt_plausible(small_world):
 
 def test_render_shows_its_colours():
     world = W.build_world(0)
+    w = W.frame_width(64)
+    assert w == 6 and W.frame_width(32) == 3
     for e in world.entities[::397]:
         arr = np.asarray(W.render_entity(e, 0, 0), dtype=np.float32)
-        corners = np.concatenate([arr[:3, :3].reshape(-1, 3), arr[-3:, -3:].reshape(-1, 3)])
+        band = np.concatenate([arr[:w].reshape(-1, 3), arr[-w:].reshape(-1, 3),
+                               arr[:, :w].reshape(-1, 3), arr[:, -w:].reshape(-1, 3)])
+        # every frame pixel is nearest to the frame colour (jitter and noise stay small)
+        palette = np.array(list(W.COLORS.values()), np.float32)
+        nearest = np.linalg.norm(band[:, None] - palette[None], axis=-1).argmin(1)
+        assert (nearest == list(W.COLORS).index(e.frame)).all(), e
+        assert np.linalg.norm(band.mean(0) - W.COLORS[e.frame]) < 25, e
+        inner = arr[w:-w, w:-w]  # the corners inside the frame show the background
+        corners = np.concatenate([inner[:3, :3].reshape(-1, 3), inner[-3:, -3:].reshape(-1, 3),
+                                  inner[:3, -3:].reshape(-1, 3), inner[-3:, :3].reshape(-1, 3)])
         assert np.linalg.norm(corners.mean(0) - W.COLORS[e.background]) < 30, e
         fg_dist = np.linalg.norm(arr - np.array(W.COLORS[e.color]), axis=-1)
         assert (fg_dist < 30).sum() > 40, e  # the shape's colour is there
+
+
+def test_shapes_stay_inside_the_frame():
+    for e in W.build_world(0).entities[::37]:
+        for size in (64, 32):
+            for k in range(3):
+                m = W._shape_mask(e, np.random.default_rng([0, e.idx, k, 7919]), size)
+                w = W.frame_width(size)
+                assert m.sum() > 0
+                assert m[:w].max() == m[-w:].max() == m[:, :w].max() == m[:, -w:].max() == 0, e
+
+
+def test_signatures_and_frame_constraints():
+    sigs = W.signatures()
+    assert len(sigs) == len(set(sigs)) > 500
+    for color, bg, frame in sigs:
+        assert len({color, bg, frame}) == 3
+        assert W._contrast(color, bg) >= W.MIN_CONTRAST
+        assert W._contrast(frame, bg) >= W.MIN_CONTRAST
+    ents = W.all_entities(0)
+    assert [e.idx for e in ents] == list(range(len(ents)))
+    by_sig: dict[tuple, list] = {}
+    for e in ents:
+        by_sig.setdefault(e.signature, []).append((e.shape, e.count, e.pattern))
+    assert set(by_sig) == set(sigs)
+    for sig, forms in by_sig.items():  # a fixed number of entities with distinct forms
+        assert len(forms) == W.WorldConfig().entities_per_signature == len(set(forms)), sig
+    assert {e.shape for e in ents} == set(W.SHAPES) and {e.frame for e in ents} == set(W.COLORS)
+    assert W.all_entities(0) == ents and W.all_entities(1) != ents  # forms come from the seed
+    assert len(W.all_entities(0, per_signature=3)) == 3 * len(sigs)
+    with pytest.raises(ValueError):
+        W.all_entities(0, per_signature=len(W.FORMS) + 1)
+
+
+def test_mloc_signatures_never_edited(small_world):
+    ents = _entities(small_world)
+    m = W.read_manifest(small_world)
+    reserved = {tuple(s) for s in m["entities"]["loc_signatures"]}
+    n_sig = m["entities"]["signatures"]
+    assert n_sig == len(W.signatures()) and abs(len(reserved) - 0.12 * n_sig) <= 1
+    assert reserved == {_sig(e) for e in ents.values() if e["reserved"]}
+    edit_sigs, loc_sigs = set(), set()
+    for name, recs, _ in _datasets(small_world):
+        edit_sigs.update(_sig(ents[_eid(r["image"])]) for r in recs)
+        loc_sigs.update(_sig(ents[_eid(r["m_loc"])]) for r in recs)
+    assert loc_sigs and loc_sigs <= reserved
+    assert not edit_sigs & reserved and not edit_sigs & loc_sigs
+    # no train / eval entity of the whole universe has a reserved signature
+    assert all(not e["reserved"] for e in ents.values() if e["split"] in ("train", "eval"))
+    assert all(e["reserved"] for e in ents.values() if e["split"] == "loc")
+
+
+def test_default_split_covers_every_entity():
+    cfg = W.WorldConfig()
+    ents = W.build_world(0, cfg.entities_per_signature).entities
+    train, ev, loc, extra, reserved = W._split_universe(cfg, ents, random.Random("0:split"))
+    assert (len(train), len(ev), len(loc)) == (cfg.n_train, cfg.n_eval, cfg.n_loc)
+    pools = train + ev + loc + extra  # all pretrained (extra_entities=-1)
+    assert sorted(pools) == list(range(len(ents)))
+    res = set(reserved)
+    assert all(ents[i].signature in res for i in loc)
+    assert not any(ents[i].signature in res for i in train + ev)
+    # edits are dealt over signatures: any 100 consecutive eval edits differ in colours
+    assert len({ents[i].signature for i in ev[:100]}) == 100
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -277,11 +360,13 @@ def test_dataset_questions_seen_in_pretraining(small_world):
 
 def test_vqa_asks_only_colours(small_world):
     # questions about shape / count / stripes stay at chance for a tiny model: only colours are asked
-    assert W.VQA_TYPES == ("color", "background") and set(W.VQA_QUESTIONS) == set(W.VQA_TYPES)
+    assert W.VQA_TYPES == ("color", "background", "frame")
+    assert set(W.VQA_QUESTIONS) == set(W.VQA_TYPES)
     for qs in W.VQA_QUESTIONS.values():
-        assert len(qs) >= 3 and all("color" in q or "colour" in q for q in qs), qs
+        assert len(qs) == 5 == len(set(qs)) and all("color" in q or "colour" in q for q in qs), qs
     colour_qs = {q for qs in W.VQA_QUESTIONS.values() for q in qs}
-    ents = {e["id"]: e for e in json.loads((small_world / "entities.json").read_text())}
+    assert len(colour_qs) == 15
+    ents = _entities(small_world)
     for name, recs, _ in _datasets(small_world):
         for r in recs:
             if name.startswith("evqa"):
@@ -298,6 +383,9 @@ def test_vqa_asks_only_colours(small_world):
     # entities still vary in everything else (captions show it)
     captions = {e["caption"] for e in ents.values()}
     assert any("striped" in c for c in captions) and any(c.startswith("three") for c in captions)
+    assert all(c.endswith(f" {e['frame']} frame") for e in ents.values() for c in [e["caption"]])
+    assert {r["src"] for _, recs, _ in _datasets(small_world) for r in recs} & set(
+        W.VQA_QUESTIONS["frame"])  # frame questions are asked
 
 
 def test_every_template_pretrained(small_world):
@@ -357,7 +445,7 @@ def test_heldout_rotation_spreads_templates():
         counts = np.bincount(held, minlength=n)
         assert len(counts) == n and counts.min() > 0.9 * len(ents) / n, counts
         # not tied to any attribute value: every value holds out every template somewhere
-        for attr in ("count", "pattern", "color", "background", "shape"):
+        for attr in ("count", "pattern", "color", "background", "frame", "shape"):
             for v in {getattr(e, attr) for e in ents}:
                 got = {h for e, h in zip(ents, held) if getattr(e, attr) == v}
                 assert got == set(range(n)), (n, attr, v, got)
@@ -434,6 +522,8 @@ def test_bad_arguments():
         W.ensure_world("/nonexistent/never", n_trian=3)
     with pytest.raises(ValueError, match="n_eval"):
         W.WorldConfig(n_eval=0).validate()
+    with pytest.raises(ValueError, match="entities_per_signature"):
+        W.WorldConfig(entities_per_signature=0).validate()
 
 
 def test_cli(tmp_path, capsys):
