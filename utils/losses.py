@@ -12,20 +12,27 @@ def shift(logits: torch.Tensor, labels: torch.Tensor):
     return logits[:, :-1], labels, labels != IGNORE
 
 
-def masked_nll(logits, labels) -> torch.Tensor:
-    """Mean token negative log-likelihood of the targets (over all target tokens of the batch)."""
+def _reduce(per_token, mask, per_sample: bool) -> torch.Tensor:
+    """Mean over all target tokens of the batch, or with ``per_sample`` each sample's own mean [B]."""
+    if per_sample:
+        return (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_nll(logits, labels, per_sample: bool = False) -> torch.Tensor:
+    """Mean token negative log-likelihood of the targets."""
     lg, lb, mask = shift(logits, labels)
     nll = F.cross_entropy(lg.float().transpose(1, 2), lb.clamp(min=0), reduction="none")
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+    return _reduce(nll, mask, per_sample)
 
 
-def masked_kl(logits, ref_logits, labels) -> torch.Tensor:
+def masked_kl(logits, ref_logits, labels, per_sample: bool = False) -> torch.Tensor:
     """KL(ref || new) of the token distributions at the target positions, mean over tokens."""
     lg, lb, mask = shift(logits, labels)
     ref = shift(ref_logits, labels)[0]
     kl = F.kl_div(lg.float().log_softmax(-1), ref.float().log_softmax(-1), log_target=True,
                   reduction="none").sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return _reduce(kl, mask, per_sample)
 
 
 def target_predictions(logits, labels) -> list[torch.Tensor]:

@@ -261,18 +261,14 @@ class LiveEdit(BaseEditor):
         logits = bb.logits_from(hidden + delta.to(hidden.dtype), batch, le)
         labels = batch.labels
 
-        def per_sample(loss, rows, *ref):  # mean over samples of each sample's token mean
-            return torch.stack([loss(logits[i:i + 1], *(x[j:j + 1] for x in ref), labels[i:i + 1])
-                                if ref else loss(logits[i:i + 1], labels[i:i + 1])
-                                for j, i in enumerate(rows)]).mean()
-
         zero = logits.new_zeros(())
-        losses = {"rel": per_sample(masked_nll, range(R)), "gen": per_sample(masked_nll, range(R, n_nb))}
+        nll = masked_nll(logits[:n_nb], labels[:n_nb], per_sample=True)   # each sample's token mean
+        losses = {"rel": nll[:R].mean(), "gen": nll[R:].mean()}
         if n_loc:
             loc_rows = torch.arange(n_nb, n_nb + n_loc, device=dev)
             with torch.no_grad():                             # the unedited model, same captured states
                 ref = bb.logits_from(hidden[loc_rows], select_rows(batch, loc_rows), le)
-            losses["loc"] = per_sample(masked_kl, range(n_nb, n_nb + n_loc), ref)
+            losses["loc"] = masked_kl(logits[n_nb:], ref, labels[n_nb:], per_sample=True).mean()
         else:
             losses["loc"] = zero
 
