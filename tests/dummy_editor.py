@@ -20,6 +20,7 @@ class DummyTrainConfig:
     lr: float = 1e-2
     lr_cut_step: int | None = None
     lr_cut_factor: float = 10.0
+    max_steps: int | None = None
     rel_weight: float = 1.0
     gen_weight: float = 1.0
     loc_weight: float = 1.0

@@ -38,9 +38,10 @@ def evqa_dir(tmp_path_factory):
     return write_evqa(tmp_path_factory.mktemp("data"), n=N_RECORDS)
 
 
-def write_config(path: Path, dropout=0.1, random_rephrase=True, cut=CUT) -> Path:
+def write_config(path: Path, dropout=0.1, random_rephrase=True, cut=CUT, max_steps=None) -> Path:
     path.write_text(yaml.safe_dump({"layer": 2, "rank": 4, "dropout": dropout, "random_rephrase": random_rephrase,
-                                    "train": {"lr": 0.01, "lr_cut_step": cut, "lr_cut_factor": 10}}))
+                                    "train": {"lr": 0.01, "lr_cut_step": cut, "lr_cut_factor": 10,
+                                              "max_steps": max_steps}}))
     return path
 
 
@@ -96,7 +97,7 @@ def test_short_run_writes_config_logs_and_checkpoints(short_run, capsys):
     assert run_dir.name.startswith("short-")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert (cfg["editor"], cfg["backbone"], cfg["dataset"]) == ("dummy-residual", "tiny-blip2", "EVQA")
-    assert cfg["editor_config"]["train"] == {"lr": 0.01, "lr_cut_step": CUT, "lr_cut_factor": 10,
+    assert cfg["editor_config"]["train"] == {"lr": 0.01, "lr_cut_step": CUT, "lr_cut_factor": 10, "max_steps": None,
                                              "rel_weight": 1.0, "gen_weight": 1.0, "loc_weight": 1.0}
     assert cfg["args"]["batch_size"] == BS and cfg["args"]["random_seed"] == 1 and cfg["args"]["max_steps"] == STEPS
 
@@ -137,6 +138,14 @@ def test_final_checkpoint_path_is_printed(tiny_dirs, evqa_dir, tmp_path, capsys)
     assert f"final checkpoint: {result.final_checkpoint}" in out
     assert f"-ckpt {result.final_checkpoint}" in out
     assert (result.final_checkpoint / "trainable.safetensors").is_file()
+
+
+def test_config_max_steps_is_the_default_length(tiny_dirs, evqa_dir, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", max_steps=2)
+    by_config = train_vllm_editor.main(train_args(tiny_dirs, evqa_dir, tmp_path / "a", cfg))
+    assert [e["step"] for e in log_entries(by_config.run_dir)] == [1, 2]
+    by_flag = train_vllm_editor.main(train_args(tiny_dirs, evqa_dir, tmp_path / "b", cfg, "--max_steps", 1))
+    assert by_flag.final_checkpoint.name == "step_1"
 
 
 def test_lr_cut_happens_at_the_configured_step(short_run):

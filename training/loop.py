@@ -3,7 +3,8 @@
 What an editor provides (see ``editors/base.py``): ``trainable = True``, ``trainable_parameters()``
 (a deterministic order), ``training_losses(records) -> {name: already-weighted loss}``,
 ``trainable_state_dict()`` / ``load_trainable_state_dict()``, and a ``config`` with a ``train``
-section holding ``lr``, ``lr_cut_step`` (None: never) and ``lr_cut_factor``. Optional:
+section holding ``lr``, ``lr_cut_step`` (None: never) and ``lr_cut_factor``, and optionally
+``max_steps`` (the training length the config was tuned for; ``--max_steps`` overrides it). Optional:
 
 - ``editor.generator``: a ``torch.Generator`` for the editor's random choices; the loop seeds it
   (``-rs`` + process index) and saves / restores its state for exact resume. An editor may instead
@@ -216,8 +217,9 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
 
     order = BatchOrder(len(records), opts.batch_size, opts.random_seed)
     total_steps = opts.epochs * order.batches_per_epoch
-    if opts.max_steps is not None:
-        total_steps = min(total_steps, opts.max_steps)
+    max_steps = opts.max_steps if opts.max_steps is not None else getattr(tcfg, "max_steps", None)
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
 
     step, pos, ema = 0, Position(0, 0), None
     if resume_ckpt is not None:

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("-ea", "--ema_alpha", type=float, help="EMA factor of the displayed loss: ema = a*loss + (1-a)*ema (default 0.1)")
     a("-rs", "--random_seed", type=int, help="random seed (default: drawn at random and saved with the run)")
     a("-dbs", "--data_buffer_size", type=int, help="batches the data loader prepares ahead (default 4)")
-    a("--max_steps", type=int, help="stop after this many steps in total (default: no limit)")
+    a("--max_steps", type=int, help="stop after this many steps in total (default: the editor config's train.max_steps, else -eps epochs)")
     a("--data_dir", help="root of the datasets (default: data/)")
     a("--model_path", help="local folder of the backbone weights (default: utils/GLOBAL.py model_path_map)")
     a("--records_dir", help="where runs are written (default: records/)")

@@ -36,9 +36,12 @@ class LiveEditTrain:
     lr: float                    # Adam learning rate
     lr_cut_step: int | None      # optimiser step from which lr is divided by lr_cut_factor (null: never)
     lr_cut_factor: float = 10.0
+    max_steps: int | None = None  # training length the config is tuned for (null: -eps epochs); --max_steps overrides
 
     def __post_init__(self):
         _check_types(self, "liveedit.train")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"liveedit.train.max_steps: expected a positive integer or null, got {self.max_steps}")
         if self.lr <= 0 or (self.lr_cut_step is not None and self.lr_cut_step < 0) or self.lr_cut_factor <= 0:
             raise UserError(f"liveedit.train: expected lr > 0, lr_cut_step >= 0, lr_cut_factor > 0; got "
                             f"lr={self.lr}, lr_cut_step={self.lr_cut_step}, lr_cut_factor={self.lr_cut_factor}")
