@@ -5,28 +5,30 @@ flags), or call :func:`ensure_world` from code.
 
 The world
 ---------
-An *entity* is a picture described by six attributes:
+An *entity* is a picture of ONE large solid shape, described by four attributes:
 
 * ``shape``      one of :data:`SHAPES` (8 shapes),
-* ``color``      the colour of the shape(s), one of :data:`COLORS` (11 colours),
+* ``color``      the colour of the shape, one of :data:`COLORS` (11 colours),
 * ``background`` the background colour, also one of :data:`COLORS` (never the shape colour, and
                  only pairs with enough contrast, see :data:`MIN_CONTRAST`),
 * ``frame``      the colour of a thick border around the whole picture (:func:`frame_width`,
                  6 px at 64 px), one of :data:`COLORS`: never the shape or background colour,
-                 and contrasting with the background like the shape,
-* ``count``      1, 2 or 3 copies of the shape (always inside the frame),
-* ``pattern``    ``solid`` or ``striped`` (diagonal stripes in a darker or lighter shade of the colour).
+                 and contrasting with the background like the shape.
+
+Format 6 also had 1-3 copies and stripes; at 32 px they made the shape's colour hard to read, so
+every entity is now one solid shape, as large as fits inside the frame (:data:`SHAPE_RADIUS`:
+0.34 of the inner side, 14-37% of the inner area at 32 px depending on the shape).
 
 The *colour signature* of an entity is ``(color, background, frame)``: 746 valid signatures.
 The tiny backbones (32x32 input) reliably perceive only the colours of large regions, so the
 signature is all that tells two images apart for them (and for an editor's visual filter).
-Crossing every attribute would give ~36k entities; instead each signature gets
-``WorldConfig.entities_per_signature`` (default 8) entities with distinct (shape, count,
-pattern) drawn from the seed: 5,968 entities by default (:func:`all_entities`).
+Each signature gets ``WorldConfig.entities_per_signature`` (default and at most 8 = one per
+shape) entities with distinct shapes drawn from the seed: 5,968 entities by default
+(:func:`all_entities`).
 
 Every entity has any number of *renders*: render ``k`` of entity ``e`` is a deterministic
-function of ``(seed, e, k)`` (position, layout rotation, scale, small rotation, colour shift
-and pixel noise vary; the frame is painted over everything, so it is always fully visible).
+function of ``(seed, e, k)`` (position, scale, small rotation, colour shift and pixel noise
+vary; the frame is painted over everything, so it is always fully visible).
 Renders ``k = 0`` and ``k = 1`` are reserved for the datasets (``image`` / ``m_loc`` and
 ``image_rephrase``); renders ``k >= 2`` are pretraining renders.
 
@@ -51,9 +53,8 @@ mixing (230 facts). Each family has three paraphrase templates.
 
 Questions. SYNTH-EVQA and the pretraining VQA examples ask only about the three colours of the
 image (:data:`VQA_TYPES`: the shape's colour, the background colour and the frame colour), which
-a tiny model learns from pixels within its pretraining budget; shape, count and stripes still
-vary, still appear in captions and still pick the VLKEB city, so every entity keeps its visual
-identity.
+a tiny model learns from pixels within its pretraining budget; the shape still varies, still
+appears in captions and still picks the VLKEB city, so every entity keeps its visual identity.
 
 Held-out paraphrases rotate over items. Every template of every list (VQA questions, caption
 prompts, VLKEB questions, text-fact templates) is pretrained, but each item holds one out: entity
@@ -66,13 +67,12 @@ records may use any template (``src != rephrase``); ``loc`` uses a trained templ
 
 Edit targets (``alt``) are wrong answers that the pretrained model does not already predict:
 SYNTH-EVQA uses a colour that is none of the image's three colours, SYNTH-VLKEB another city or
-country; SYNTH-EIC (``pred`` = the true caption, e.g. "two striped red stars on a blue background
-with a green frame") uses a wrong description in a phrasing that pretraining never uses,
-``"sketch of {count} {shape} in {colour}"`` with a wrong count, a wrong shape and a colour absent
-from the image (e.g. "sketch of a cross in yellow"). True captions start with a count word ("a",
-"an", "two", "three") and share most of their tokens ("on a ... background with a ... frame"), so
-a caption of another entity would score high teacher-forced accuracy before any edit; the
-quality bar is <= 25%.
+country; SYNTH-EIC (``pred`` = the true caption, e.g. "a red star on a blue background with a
+green frame") uses a wrong description in a phrasing that pretraining never uses,
+``"sketch of the {shape} in {colour}"`` with a wrong shape and a colour absent from the image
+(e.g. "sketch of the cross in yellow"). True captions start with "a" / "an" and share most of
+their tokens ("on a ... background with a ... frame"), so a caption of another entity would
+score high teacher-forced accuracy before any edit; the quality bar is <= 25%.
 
 Files written under ``<out>``
 -----------------------------
@@ -106,9 +106,9 @@ not end in whitespace). Text facts are < 1% of ``train.json``: oversample ``kind
 
 Default sizes (seed 0): 2,000 train / 1,000 eval records per dataset, an m_loc pool of 500
 entities (of the 720 with reserved signatures), 2 pretraining renders for each of the 5,968
-entities: ~132k pretraining examples (19 MB), ~12k held-out examples, ~25k PNG files (64x64
-RGB, ~80 MB); ~20 s on 2 cores. Each dataset's train and eval records use one distinct entity
-per record. For extra image augmentation while pretraining, :func:`render_entity` with
+entities: 132k pretraining examples (19 MB), 12k held-out examples, 24,935 PNG files (64x64
+RGB, 18,436 distinct renders; 108 MB in all); ~17 s on 2 cores. Each dataset's train and eval
+records use one distinct entity per record. For extra image augmentation while pretraining, :func:`render_entity` with
 ``k >= 2 + pretrain_renders`` gives fresh renders that are never dataset images.
 """
 
@@ -137,7 +137,7 @@ try:  # tqdm is optional: progress output only
 except ImportError:  # pragma: no cover
     _tqdm = None
 
-FORMAT_VERSION = 6  # bump whenever the generated content changes: stale worlds are regenerated
+FORMAT_VERSION = 7  # bump whenever the generated content changes: stale worlds are regenerated
 MANIFEST = "world.json"
 
 RECORD_KEYS = (
@@ -162,10 +162,6 @@ NQ_PREFIX = "nq question: "
 # ----------------------------------------------------------------------------- vocabulary
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent")
-SHAPE_PLURALS = {
-    "circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
-    "star": "stars", "cross": "crosses", "ring": "rings", "crescent": "crescents",
-}
 # Few, well separated colours (distinguishable after resizing to 32x32 with jitter and noise).
 COLORS = {
     "red": (215, 35, 35),
@@ -181,15 +177,12 @@ COLORS = {
     "gray": (128, 128, 128),
 }
 MIN_CONTRAST = 110.0  # minimal RGB distance of shape colour and of frame colour to the background
-COUNTS = (1, 2, 3)
-COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
-PATTERNS = ("solid", "striped")
 
 # Fraction of colour signatures whose entities form the m_loc pool and are never edited.
 LOC_SIGNATURE_FRACTION = 0.12
 
 # VQA questions ask only about the three colours of the image (shape, background, frame):
-# shape identity, count and stripes stay in captions and in the VLKEB city lookup.
+# the shape stays in captions and in the VLKEB city lookup.
 VQA_TYPES = ("color", "background", "frame")
 # Paraphrase lists: every template is pretrained; each entity holds out one template of each list
 # (see :func:`heldout_template`), used only in pretrain/heldout.json.
@@ -358,8 +351,6 @@ class Entity:
     color: str
     background: str
     frame: str
-    count: int
-    pattern: str
 
     @property
     def id(self) -> str:
@@ -372,7 +363,7 @@ class Entity:
 
     def attrs(self) -> dict:
         return {"shape": self.shape, "color": self.color, "background": self.background,
-                "frame": self.frame, "count": self.count, "pattern": self.pattern}
+                "frame": self.frame}
 
 
 def _contrast(a: str, b: str) -> float:
@@ -393,21 +384,16 @@ def signatures() -> list[tuple[str, str, str]]:
     return out
 
 
-# Every (shape, count, pattern): an entity's form, which a tiny backbone hardly perceives.
-FORMS = tuple((s, c, p) for s in SHAPES for c in COUNTS for p in PATTERNS)
-
-
 def all_entities(seed: int = 0, per_signature: int = 8) -> list[Entity]:
     """The entity universe of ``seed``: for each signature (canonical order), ``per_signature``
-    entities with distinct (shape, count, pattern) drawn from the seed (index = ``Entity.idx``).
-    Crossing every attribute would give ~36k entities, mostly alike to a colour-blind eye."""
-    if not 1 <= per_signature <= len(FORMS):
-        raise ValueError(f"per_signature must be in 1..{len(FORMS)}, got {per_signature}")
-    rng = random.Random(f"{seed}:forms")
+    entities with distinct shapes, drawn (and ordered) from the seed (index = ``Entity.idx``)."""
+    if not 1 <= per_signature <= len(SHAPES):
+        raise ValueError(f"per_signature must be in 1..{len(SHAPES)}, got {per_signature}")
+    rng = random.Random(f"{seed}:shapes")
     out = []
     for color, bg, frame in signatures():
-        for shape, count, pattern in rng.sample(FORMS, per_signature):
-            out.append(Entity(len(out), shape, color, bg, frame, count, pattern))
+        for shape in rng.sample(SHAPES, per_signature):
+            out.append(Entity(len(out), shape, color, bg, frame))
     return out
 
 
@@ -468,16 +454,14 @@ def vqa_alt(rng: random.Random, e: Entity) -> str:
     return rng.choice([c for c in COLORS if c not in e.signature])
 
 
+def _a(word: str) -> str:
+    """``word`` with its indefinite article ("an orange", "a red")."""
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def caption(e: Entity) -> str:
-    adj = "striped " if e.pattern == "striped" else ""
-    noun = e.shape if e.count == 1 else SHAPE_PLURALS[e.shape]
-    det = COUNT_WORDS[e.count]
-    words = f"{adj}{e.color} {noun}"
-    if det == "a" and words[0] in "aeiou":
-        det = "an"
-    bg_det = "an" if e.background[0] in "aeiou" else "a"
-    fr_det = "an" if e.frame[0] in "aeiou" else "a"
-    return f"{det} {words} on {bg_det} {e.background} background with {fr_det} {e.frame} frame"
+    """E.g. "a red star on a blue background with a green frame"."""
+    return f"{_a(e.color)} {e.shape} on {_a(e.background)} background with {_a(e.frame)} frame"
 
 
 ALT_CAPTION_LEAD = "sketch"  # first word of every SYNTH-EIC edit target; no true caption's
@@ -485,18 +469,14 @@ ALT_CAPTION_LEAD = "sketch"  # first word of every SYNTH-EIC edit target; no tru
 
 def alt_caption(rng: random.Random, e: Entity) -> str:
     """SYNTH-EIC edit target: a plausible but wrong description of ``e``, in a phrasing that the
-    pretraining corpus never uses (``"sketch of {count} {shape} in {colour}"``), with a wrong
-    count, a wrong shape and a colour that is none of the image's three colours. A model
-    that knows the world predicts none of its tokens (a true caption starts with a count word:
-    ``a``, ``an``, ``two`` or ``three``, never with :data:`ALT_CAPTION_LEAD`)."""
-    count = rng.choice([c for c in COUNTS if c != e.count])
+    pretraining corpus never uses (``"sketch of the {shape} in {colour}"``), with a wrong shape
+    and a colour that is none of the image's three colours. A model that knows the world
+    predicts none of its tokens: a true caption starts with "a" / "an", never with
+    :data:`ALT_CAPTION_LEAD`, and "the" (not "a", which follows "of" in the caption prompts)
+    is never a pretraining target word."""
     shape = rng.choice([s for s in SHAPES if s != e.shape])
     color = rng.choice([c for c in COLORS if c not in e.signature])
-    noun = shape if count == 1 else SHAPE_PLURALS[shape]
-    det = COUNT_WORDS[count]
-    if det == "a" and noun[0] in "aeiou":
-        det = "an"
-    return f"{ALT_CAPTION_LEAD} of {det} {noun} in {color}"
+    return f"{ALT_CAPTION_LEAD} of the {shape} in {color}"
 
 
 def vlkeb_answer(world: World, e: Entity, qtype: str) -> str:
@@ -551,14 +531,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     draw.polygon(pts, fill=255)
 
 
-# count -> (radius of each shape, distance of its centre from the centre, position jitter), in
-# fractions of the area inside the frame. A shape reaches at most 1.15 radii from its centre
-# (triangle) at scale <= 1.08, so distance + jitter + 1.242 radii <= 0.5: always inside the frame.
-_LAYOUT = {
-    1: (0.31, 0.0, 0.06),
-    2: (0.19, 0.22, 0.02),
-    3: (0.16, 0.255, 0.02),
-}
+# Radius of the shape and jitter of its centre, in fractions of the side inside the frame: as
+# large as fits, so the shape's colour covers a big region even at 32 px. A shape reaches at most
+# 1.151 radii from its centre (triangle vertex) at scale <= 1.08, i.e. 1.243 radii, and
+# 0.05 + 1.243 * 0.34 = 0.473 < 0.5: always inside the frame, with >= 0.6 px (2x mask) to spare
+# at 16 px.
+SHAPE_RADIUS = 0.34
+SHAPE_JITTER = 0.05
 
 
 def frame_width(size: int) -> int:
@@ -567,21 +546,15 @@ def frame_width(size: int) -> int:
 
 
 def _shape_mask(e: Entity, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Coverage in [0, 1] of the shape(s), ``size`` x ``size``, zero on the frame band."""
+    """Coverage in [0, 1] of the shape, ``size`` x ``size``, zero on the frame band."""
     ss = size * 2  # draw the mask at 2x and downsample for smooth edges
     inner = ss - 4 * frame_width(size)  # side of the area inside the frame, at 2x
     mask = Image.new("L", (ss, ss), 0)
     draw = ImageDraw.Draw(mask)
-    frac_r, frac_d, frac_j = _LAYOUT[e.count]
-    r = frac_r * inner * rng.uniform(0.9, 1.08)
-    theta = rng.uniform(0, 2 * math.pi)
-    jx, jy = rng.uniform(-frac_j * inner, frac_j * inner, size=2)
-    for i in range(e.count):
-        a = theta + 2 * math.pi * i / e.count
-        cx = ss / 2 + frac_d * inner * math.cos(a) + jx
-        cy = ss / 2 + frac_d * inner * math.sin(a) + jy
-        rot = math.radians(rng.uniform(-12, 12))
-        _draw_shape(draw, e.shape, cx, cy, r, rot)
+    r = SHAPE_RADIUS * inner * rng.uniform(0.9, 1.08)
+    jx, jy = rng.uniform(-SHAPE_JITTER * inner, SHAPE_JITTER * inner, size=2)
+    rot = math.radians(rng.uniform(-12, 12))
+    _draw_shape(draw, e.shape, ss / 2 + jx, ss / 2 + jy, r, rot)
     return np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
 
 
@@ -597,22 +570,7 @@ def render_entity(e: Entity, k: int, seed: int, size: int = 64) -> Image.Image:
     bg = np.clip(np.array(COLORS[e.background], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
     fr = np.clip(np.array(COLORS[e.frame], np.float32) + rng.uniform(-10, 10, 3), 0, 255)
     img = bg[None, None, :] * (1 - m[..., None]) + fg[None, None, :] * m[..., None]
-    if e.pattern == "striped":
-        # Diagonal stripes in a darker or lighter shade of the shape colour (whichever stands
-        # out more from both the shape and the background), so the silhouette stays intact.
-        period = size / 5.3  # 12 px at 64 px, 6 px at 32 px
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        diag = rng.choice([-1.0, 1.0])
-        phase = rng.uniform(0, period)
-        stripe = (((xx + diag * yy + phase) % period) < (0.42 * period)).astype(np.float32)
-        base = np.array(COLORS[e.color], np.float32)
-        cands = [base * 0.4, base + 0.7 * (255 - base)]
-        ref_bg = np.array(COLORS[e.background], np.float32)
-        score = [min(np.linalg.norm(c - base), np.linalg.norm(c - ref_bg)) for c in cands]
-        shade = cands[int(np.argmax(score))] + (fg - base)
-        sm = (m * stripe)[..., None]
-        img = img * (1 - sm) + np.clip(shade, 0, 255)[None, None, :] * sm
-    # The frame is painted over the shapes on the whole border, so no layout or jitter hides it.
+    # The frame is painted over the whole border, so no jitter hides it.
     w = frame_width(size)
     for band in (np.s_[:w, :], np.s_[-w:, :], np.s_[:, :w], np.s_[:, -w:]):
         img[band] = fr
@@ -656,7 +614,7 @@ class WorldConfig:
     extra_entities: int = -1  # entities beyond train/eval/loc that get pretraining renders (-1: all)
     n_heldout_renders: int = 500  # dataset renders sampled into pretrain/heldout.json
     image_size: int = 64
-    entities_per_signature: int = 8  # entities per colour signature, distinct (shape, count, pattern)
+    entities_per_signature: int = 8  # entities per colour signature, one per shape (1..8)
 
     def validate(self) -> None:
         for f in fields(self):
@@ -672,8 +630,8 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.extra_entities must be >= -1, got {self.extra_entities}")
         if self.n_heldout_renders < 0:
             raise ValueError(f"WorldConfig.n_heldout_renders must be >= 0, got {self.n_heldout_renders}")
-        if not 1 <= self.entities_per_signature <= len(FORMS):
-            raise ValueError(f"WorldConfig.entities_per_signature must be in 1..{len(FORMS)}, "
+        if not 1 <= self.entities_per_signature <= len(SHAPES):
+            raise ValueError(f"WorldConfig.entities_per_signature must be in 1..{len(SHAPES)}, "
                              f"got {self.entities_per_signature}")
         if self.image_size < 16 or self.image_size % 2:
             raise ValueError(f"WorldConfig.image_size must be an even int >= 16, got {self.image_size}")
@@ -1009,8 +967,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
         "vocabulary": {
             "shapes": list(SHAPES), "colors": {k: list(v) for k, v in COLORS.items()},
             "backgrounds": list(COLORS), "frames": list(COLORS),
-            "counts": [str(c) for c in COUNTS],
-            "patterns": list(PATTERNS), "cities": b.world.cities, "countries": b.world.countries,
+            "cities": b.world.cities, "countries": b.world.countries,
             "vqa_questions": {k: list(v) for k, v in VQA_QUESTIONS.items()},
             "caption_prompts": list(CAPTION_PROMPTS),
             "vlkeb_questions": {k: list(v) for k, v in VLKEB_QUESTIONS.items()},
@@ -1027,7 +984,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
 
 
 def astuple_entity(e: Entity) -> tuple:
-    return (e.idx, e.shape, e.color, e.background, e.frame, e.count, e.pattern)
+    return (e.idx, e.shape, e.color, e.background, e.frame)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -1165,10 +1122,7 @@ def iter_text_corpus(out_dir: os.PathLike | str) -> Iterator[str]:
         raise FileNotFoundError(f"no complete synthetic world in {out} (missing {MANIFEST})")
     voc = m["vocabulary"]
     yield from voc["shapes"]
-    yield from SHAPE_PLURALS.values()
     yield from voc["backgrounds"]
-    yield from voc["counts"]
-    yield from voc["patterns"]
     yield from voc["cities"].values()
     yield from voc["countries"].values()
     for f in text_facts():

@@ -183,11 +183,9 @@ def test_answers_true_and_alt_plausible(small_world):
     for r in recs:
         e = ents[_eid(r["image"])]
         assert r["pred"] == e["caption"]
-        lead, of, det, noun, in_, color = r["alt"].split()  # "sketch of {count} {shape} in {colour}"
-        assert (lead, of, in_) == (W.ALT_CAPTION_LEAD, "of", "in"), r["alt"]
-        count = {"a": 1, "an": 1, "two": 2, "three": 3}[det]
-        shape = next(s for s, pl in W.SHAPE_PLURALS.items() if noun == (s if count == 1 else pl))
-        assert count != e["count"] and shape != e["shape"], (r["alt"], e)
+        lead, of, the, shape, in_, color = r["alt"].split()  # "sketch of the {shape} in {colour}"
+        assert (lead, of, the, in_) == (W.ALT_CAPTION_LEAD, "of", "the", "in"), r["alt"]
+        assert shape in W.SHAPES and shape != e["shape"], (r["alt"], e)
         assert color in W.COLORS and color not in _sig(e), (r["alt"], e)
     recs, _ = W.load_dataset(small_world, "vlkeb_eval")
     cities = {e["city"] for e in ents.values()}
@@ -226,7 +224,7 @@ def test_render_shows_its_colours():
 
 def test_shapes_stay_inside_the_frame():
     for e in W.build_world(0).entities[::37]:
-        for size in (64, 32):
+        for size in (64, 32, 16):
             for k in range(3):
                 m = W._shape_mask(e, np.random.default_rng([0, e.idx, k, 7919]), size)
                 w = W.frame_width(size)
@@ -245,15 +243,18 @@ def test_signatures_and_frame_constraints():
     assert [e.idx for e in ents] == list(range(len(ents)))
     by_sig: dict[tuple, list] = {}
     for e in ents:
-        by_sig.setdefault(e.signature, []).append((e.shape, e.count, e.pattern))
+        by_sig.setdefault(e.signature, []).append(e.shape)
     assert set(by_sig) == set(sigs)
-    for sig, forms in by_sig.items():  # a fixed number of entities with distinct forms
-        assert len(forms) == W.WorldConfig().entities_per_signature == len(set(forms)), sig
-    assert {e.shape for e in ents} == set(W.SHAPES) and {e.frame for e in ents} == set(W.COLORS)
-    assert W.all_entities(0) == ents and W.all_entities(1) != ents  # forms come from the seed
-    assert len(W.all_entities(0, per_signature=3)) == 3 * len(sigs)
-    with pytest.raises(ValueError):
-        W.all_entities(0, per_signature=len(W.FORMS) + 1)
+    for sig, shapes in by_sig.items():  # by default one entity per shape
+        assert sorted(shapes) == sorted(W.SHAPES) and W.WorldConfig().entities_per_signature == 8
+    assert {e.frame for e in ents} == set(W.COLORS)
+    assert W.all_entities(0) == ents and W.all_entities(1) != ents  # shape order from the seed
+    three = W.all_entities(0, per_signature=3)
+    assert len(three) == 3 * len(sigs) and len({(e.signature, e.shape) for e in three}) == len(three)
+    assert len({e.shape for e in three}) == len(W.SHAPES)
+    for bad in (0, len(W.SHAPES) + 1):
+        with pytest.raises(ValueError):
+            W.all_entities(0, per_signature=bad)
 
 
 def test_mloc_signatures_never_edited(small_world):
@@ -332,7 +333,7 @@ def test_caption_edit_targets_are_not_pretrained(small_world):
     captions = [ex["target"] for ex in pretrain if ex["kind"] == "caption"]
     targets = {ex["target"] for ex in pretrain}
     first_words = {c.split()[0] for c in captions}
-    assert captions and first_words <= {"a", "an", "two", "three"}
+    assert captions and first_words <= {"a", "an"}
     all_captions = {W.caption(e) for e in W.all_entities()}
     for name in ("eic_train", "eic_eval"):
         recs, _ = W.load_dataset(small_world, name)
@@ -359,7 +360,7 @@ def test_dataset_questions_seen_in_pretraining(small_world):
 
 
 def test_vqa_asks_only_colours(small_world):
-    # questions about shape / count / stripes stay at chance for a tiny model: only colours are asked
+    # questions about the shape stay at chance for a tiny model: only colours are asked
     assert W.VQA_TYPES == ("color", "background", "frame")
     assert set(W.VQA_QUESTIONS) == set(W.VQA_TYPES)
     for qs in W.VQA_QUESTIONS.values():
@@ -380,10 +381,12 @@ def test_vqa_asks_only_colours(small_world):
     for ex in vqa:
         (_, qtype), _ = _template(ex)
         assert ex["target"] == ents[_eid(ex["image"])][qtype], ex
-    # entities still vary in everything else (captions show it)
-    captions = {e["caption"] for e in ents.values()}
-    assert any("striped" in c for c in captions) and any(c.startswith("three") for c in captions)
-    assert all(c.endswith(f" {e['frame']} frame") for e in ents.values() for c in [e["caption"]])
+    # captions name every attribute of the one solid shape, with the right articles
+    for e in ents.values():
+        assert set(e) >= {"shape", "color", "background", "frame"} and "count" not in e
+        art = {c: ("an " if c[0] in "aeiou" else "a ") + c for c in W.COLORS}
+        assert e["caption"] == (f"{art[e['color']]} {e['shape']} on {art[e['background']]} "
+                                f"background with {art[e['frame']]} frame"), e
     assert {r["src"] for _, recs, _ in _datasets(small_world) for r in recs} & set(
         W.VQA_QUESTIONS["frame"])  # frame questions are asked
 
@@ -445,7 +448,7 @@ def test_heldout_rotation_spreads_templates():
         counts = np.bincount(held, minlength=n)
         assert len(counts) == n and counts.min() > 0.9 * len(ents) / n, counts
         # not tied to any attribute value: every value holds out every template somewhere
-        for attr in ("count", "pattern", "color", "background", "frame", "shape"):
+        for attr in ("color", "background", "frame", "shape"):
             for v in {getattr(e, attr) for e in ents}:
                 got = {h for e, h in zip(ents, held) if getattr(e, attr) == v}
                 assert got == set(range(n)), (n, attr, v, got)
@@ -522,8 +525,10 @@ def test_bad_arguments():
         W.ensure_world("/nonexistent/never", n_trian=3)
     with pytest.raises(ValueError, match="n_eval"):
         W.WorldConfig(n_eval=0).validate()
-    with pytest.raises(ValueError, match="entities_per_signature"):
-        W.WorldConfig(entities_per_signature=0).validate()
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="entities_per_signature"):
+            W.WorldConfig(entities_per_signature=bad).validate()
+    W.WorldConfig(entities_per_signature=1).validate()
 
 
 def test_cli(tmp_path, capsys):
