@@ -42,6 +42,7 @@ class TinySize:
     num_query_tokens: int = 8
     image_size: int = 32
     patch_size: int = 8
+    qformer_cross_every: int = 1   # cross-attention to the image in every Q-Former layer
 
 
 def tiny_config(family: str, tok: PreTrainedTokenizerFast, size: TinySize):
@@ -64,6 +65,7 @@ def tiny_config(family: str, tok: PreTrainedTokenizerFast, size: TinySize):
     # No dropout anywhere: pretraining is short and the world is small.
     qformer = Blip2QFormerConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=size.qformer_layers,
                                  num_attention_heads=size.heads, encoder_hidden_size=h,
+                                 cross_attention_frequency=size.qformer_cross_every,
                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if family == "blip2":
         text = OPTConfig(hidden_size=h, ffn_dim=4 * h, num_hidden_layers=size.layers, num_attention_heads=size.heads,
@@ -94,16 +96,23 @@ def build_tiny_model(family: str, tok: PreTrainedTokenizerFast, size: TinySize =
     model_class = LlavaForConditionalGeneration if family == "llava" else Blip2ForConditionalGeneration
     model = model_class(config)
     if family != "llava":
-        balance_qformer_init(model)
+        scratch_blip2_init(model)
     return model.eval()
 
 
 @torch.no_grad()
-def balance_qformer_init(model):
-    """Initialisation for training a BLIP-2-style model from scratch. With the default (std 0.02
-    everywhere, zero query tokens) a narrow Q-Former passes almost nothing of the image: each of its
-    projections scales by ~0.02*sqrt(width), so its outputs are nearly the same for every image and
-    the LLM learns to ignore them. Variance-preserving Q-Former layers make the image visible."""
+def scratch_blip2_init(model):
+    """Initialisation for a BLIP-2-style model trained from scratch with its image encoder frozen
+    at random init (``synthetic.pretrain``; real BLIP-2 freezes its image encoder too).
+
+    - The ViT's position embeddings get the scale of the patch embeddings (default: 20x smaller), so
+      the frozen features keep *where* each patch is: the Q-Former can then find the shape, which
+      sits in the centre, apart from the background and the frame on the border.
+    - Variance-preserving Q-Former layers and unit query tokens: with the default (std 0.02
+      everywhere, zero query tokens) a narrow Q-Former passes almost nothing of the image."""
+    emb = model.vision_model.embeddings
+    patch = emb.patch_embedding
+    emb.position_embedding.normal_(0.0, float(patch.weight.std()) * (patch.weight[0].numel() ** 0.5))
     model.query_tokens.normal_(0.0, 1.0)
     for module in model.qformer.modules():
         if isinstance(module, torch.nn.Linear):

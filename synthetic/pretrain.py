@@ -47,6 +47,10 @@ class PretrainConfig:
     lr: float = 2e-3
     warmup: int = 100
     text_fraction: float = 0.25   # text-only facts are rare in the corpus: oversample them
+    # BLIP-2-style families (tiny-blip2, tiny-minigpt4): the ViT stays frozen at its random init and
+    # the Q-Former learns at this fraction of lr. Trained from scratch at the full lr, the Q-Former
+    # collapsed to image-independent outputs and the colours were never learnt (measured).
+    qformer_lr_scale: float = 0.3
     vocab_size: int = 1024
     seed: int = 0
     size: TinySize = field(default_factory=TinySize)
@@ -114,6 +118,17 @@ def edit_target_accuracy(backbone, world_dir: Path, n: int = 500) -> dict:
     return out
 
 
+def _param_groups(model, family: str, cfg: PretrainConfig) -> list[dict]:
+    """Optimiser groups: everything at lr, except (BLIP-2 families) a frozen ViT and a slower Q-Former."""
+    if family == "llava":
+        return [{"params": list(model.parameters())}]
+    model.vision_model.requires_grad_(False)
+    slow = list(model.qformer.parameters()) + [model.query_tokens]
+    slow_ids = {id(p) for p in slow}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in slow_ids]
+    return [{"params": rest}, {"params": slow, "lr": cfg.lr * cfg.qformer_lr_scale}]
+
+
 def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None = None,
                   progress: bool = True) -> dict:
     """Build, train and save tiny backbone ``name`` into ``out_dir`` (atomically); returns the report."""
@@ -144,7 +159,7 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
     visual = [ex for ex in train if ex["kind"] != "text"]
     cache = PixelCache(backbone, world_dir, train + heldout)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(_param_groups(model, family, cfg), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
     bar = tqdm(range(cfg.steps), desc=f"pretraining {name}", disable=not progress)
     ema = None
@@ -153,7 +168,8 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
         n_text = sum(rng.random() < cfg.text_fraction for _ in range(cfg.batch_size))
         examples = rng.sample(text, n_text) + rng.sample(visual, cfg.batch_size - n_text)
         batch = _batch(backbone, world_dir, examples, cache)
-        loss = masked_nll(backbone.logits(batch), batch.labels)
+        # every example weighs the same: a one-token VQA answer as much as a ten-token caption
+        loss = masked_nll(backbone.logits(batch), batch.labels, per_sample=True).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -224,7 +240,7 @@ def main(argv=None):
     p.add_argument("--backbone", required=True, choices=sorted(TINY_FAMILIES) + ["all"])
     p.add_argument("--out", help="output folder (default: its model_path_map entry)")
     p.add_argument("--world_dir", help=f"synthetic world folder (default: {SYNTHETIC_DIR})")
-    for k in ("steps", "batch_size", "lr", "text_fraction", "vocab_size", "seed"):
+    for k in ("steps", "batch_size", "lr", "text_fraction", "qformer_lr_scale", "vocab_size", "seed"):
         p.add_argument(f"--{k}", type=type(getattr(d, k)), default=getattr(d, k))
     a = p.parse_args(argv)
     names = sorted(TINY_FAMILIES) if a.backbone == "all" else [a.backbone]
@@ -232,7 +248,7 @@ def main(argv=None):
         raise UserError("--out needs a single --backbone")
     for name in names:
         cfg = PretrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, text_fraction=a.text_fraction,
-                             vocab_size=a.vocab_size, seed=a.seed)
+                             qformer_lr_scale=a.qformer_lr_scale, vocab_size=a.vocab_size, seed=a.seed)
         report = pretrain_tiny(name, a.out or model_path_map[name], a.world_dir, cfg)
         print(json.dumps(report, indent=2))
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from backbones import load_backbone
 from backbones.tiny import TinySize
@@ -33,6 +34,12 @@ def test_quick_pretrain_learns_and_reloads_through_the_path_map(small_world, tmp
     for kind in ("caption", "vlkeb"):
         assert acc[kind] > acc0[kind] + 20, (kind, acc, acc0)
     assert (out / "pretrain_report.json").is_file() and not (tmp_path / ".tiny-blip2.tmp").exists()
+    # BLIP-2 recipe: the ViT stays at its (shared, seeded) random init; the Q-Former learns
+    before, after = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "untrained", out))
+    vit = [k for k in before if "vision_model." in k]
+    qformer = [k for k in before if "qformer." in k and k.endswith("weight")]
+    assert vit and all(torch.equal(before[k], after[k]) for k in vit)
+    assert any(not torch.equal(before[k], after[k]) for k in qformer)
 
     monkeypatch.setitem(G.model_path_map, "tiny-blip2", str(out))
     monkeypatch.setattr(pretrain, "SYNTHETIC_DIR", small_world)  # the world it learned is the default
