@@ -95,28 +95,35 @@ def build_tiny_model(family: str, tok: PreTrainedTokenizerFast, size: TinySize =
     config = tiny_config(family, tok, size)
     model_class = LlavaForConditionalGeneration if family == "llava" else Blip2ForConditionalGeneration
     model = model_class(config)
-    if family != "llava":
-        scratch_blip2_init(model)
+    scratch_init(model)
     return model.eval()
 
 
+def vision_encoder(model) -> torch.nn.Module:
+    """The image encoder (ViT) of a BLIP-2-style or LLaVA model."""
+    return model.vision_model if hasattr(model, "vision_model") else model.model.vision_tower
+
+
 @torch.no_grad()
-def scratch_blip2_init(model):
-    """Initialisation for a BLIP-2-style model trained from scratch with its image encoder frozen
-    at random init (``synthetic.pretrain``; real BLIP-2 freezes its image encoder too).
+def scratch_init(model) -> None:
+    """Initialisation for training a tiny model from scratch with its image encoder frozen at random
+    init (``synthetic.pretrain``; real BLIP-2 and LLaVA freeze their image encoders too).
 
     - The ViT's position embeddings get the scale of the patch embeddings (default: 20x smaller), so
-      the frozen features keep *where* each patch is: the Q-Former can then find the shape, which
-      sits in the centre, apart from the background and the frame on the border.
-    - Variance-preserving Q-Former layers and unit query tokens: with the default (std 0.02
-      everywhere, zero query tokens) a narrow Q-Former passes almost nothing of the image."""
-    emb = model.vision_model.embeddings
-    patch = emb.patch_embedding
-    emb.position_embedding.normal_(0.0, float(patch.weight.std()) * (patch.weight[0].numel() ** 0.5))
-    model.query_tokens.normal_(0.0, 1.0)
-    for module in model.qformer.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.normal_(0.0, module.in_features ** -0.5)
+      the frozen features keep *where* each patch is: the shape sits in the centre, apart from the
+      background and the frame on the border.
+    - BLIP-2 families: variance-preserving Q-Former layers and unit query tokens. With the default
+      (std 0.02 everywhere, zero query tokens) a narrow Q-Former passes almost nothing of the image."""
+    emb = vision_encoder(model).embeddings
+    pos = emb.position_embedding
+    pos = pos.weight if isinstance(pos, torch.nn.Embedding) else pos
+    patch = emb.patch_embedding.weight
+    pos.normal_(0.0, float(patch.std()) * patch[0].numel() ** 0.5)
+    if hasattr(model, "qformer"):
+        model.query_tokens.normal_(0.0, 1.0)
+        for module in model.qformer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, module.in_features ** -0.5)
 
 
 def save_tiny(model, family: str, tok, size: TinySize, out_dir):

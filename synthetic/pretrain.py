@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer  # noqa: E402
+from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer, vision_encoder  # noqa: E402
 from synthetic.world import FORMAT_VERSION, ensure_world, load_pretrain, read_manifest, text_corpus  # noqa: E402
 from utils.GLOBAL import SYNTHETIC_DIR, model_path_map  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
@@ -46,9 +46,9 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
-    text_fraction: float = 0.25   # text-only facts are rare in the corpus: oversample them
-    # BLIP-2-style families (tiny-blip2, tiny-minigpt4): the ViT stays frozen at its random init and
-    # the Q-Former learns at this fraction of lr. Trained from scratch at the full lr, the Q-Former
+    text_fraction: float = 0.35   # text-only facts are rare in the corpus: oversample them
+    # Every family keeps its ViT frozen at random init (backbones.tiny.scratch_init); a BLIP-2
+    # Q-Former learns at this fraction of lr. Trained from scratch at the full lr, the Q-Former
     # collapsed to image-independent outputs and the colours were never learnt (measured).
     qformer_lr_scale: float = 0.3
     vocab_size: int = 1024
@@ -118,15 +118,17 @@ def edit_target_accuracy(backbone, world_dir: Path, n: int = 500) -> dict:
     return out
 
 
-def _param_groups(model, family: str, cfg: PretrainConfig) -> list[dict]:
-    """Optimiser groups: everything at lr, except (BLIP-2 families) a frozen ViT and a slower Q-Former."""
-    if family == "llava":
-        return [{"params": list(model.parameters())}]
-    model.vision_model.requires_grad_(False)
-    slow = list(model.qformer.parameters()) + [model.query_tokens]
+def _param_groups(model, cfg: PretrainConfig) -> list[dict]:
+    """Optimiser groups: the ViT frozen at its random init, a BLIP-2 Q-Former at a fraction of lr,
+    everything else at lr."""
+    vision_encoder(model).requires_grad_(False)
+    slow = list(model.qformer.parameters()) + [model.query_tokens] if hasattr(model, "qformer") else []
     slow_ids = {id(p) for p in slow}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in slow_ids]
-    return [{"params": rest}, {"params": slow, "lr": cfg.lr * cfg.qformer_lr_scale}]
+    groups = [{"params": rest}]
+    if slow:
+        groups.append({"params": slow, "lr": cfg.lr * cfg.qformer_lr_scale})
+    return groups
 
 
 def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None = None,
@@ -159,7 +161,7 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
     visual = [ex for ex in train if ex["kind"] != "text"]
     cache = PixelCache(backbone, world_dir, train + heldout)
 
-    opt = torch.optim.AdamW(_param_groups(model, family, cfg), lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
     bar = tqdm(range(cfg.steps), desc=f"pretraining {name}", disable=not progress)
     ema = None
