@@ -12,6 +12,7 @@ is built the first time it is needed, then cached under ``data/tiny_backbones/``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -29,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer, vision_encoder  # noqa: E402
-from synthetic.world import FORMAT_VERSION, ensure_world, load_pretrain, read_manifest, text_corpus  # noqa: E402
+from synthetic.world import FORMAT_VERSION, PRETRAIN_FILES, ensure_world, load_pretrain, read_manifest, text_corpus  # noqa: E402
 from utils.GLOBAL import SYNTHETIC_DIR, model_path_map  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.io import write_json  # noqa: E402
@@ -208,9 +209,13 @@ def current_world(world_dir: Path) -> Path:
 
 
 def world_identity(world_dir: Path) -> dict:
-    """What identifies the world a backbone learned: its format version and configuration."""
-    m = read_manifest(world_dir) or {}
-    return {"format_version": m.get("format_version"), "config": m.get("config")}
+    """What identifies the world a backbone learned: a hash of the pretraining corpus (examples and
+    held-out examples). Dataset-only changes of the world (e.g. which m_loc image a record gets)
+    leave it unchanged, so they do not force a rebuild of the backbones."""
+    digest = hashlib.sha256()
+    for split in ("train", "heldout"):
+        digest.update((Path(world_dir) / PRETRAIN_FILES[split]).read_bytes())
+    return {"pretrain_corpus_sha256": digest.hexdigest()[:16]}
 
 
 def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:

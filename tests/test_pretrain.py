@@ -68,7 +68,7 @@ def test_backbone_of_another_world_is_rebuilt(small_world, tmp_path, monkeypatch
     (path / "pretrain_report.json").write_text(json.dumps(report))
     pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
     assert calls == ["tiny-llava"]  # built on the current world: kept
-    report["world"]["format_version"] = -1
+    report["world"]["pretrain_corpus_sha256"] = "0" * 16
     (path / "pretrain_report.json").write_text(json.dumps(report))
     pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
     assert calls == ["tiny-llava"] * 2  # learned another world: rebuilt
