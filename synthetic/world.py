@@ -43,6 +43,19 @@ has one. Reserved entities are still pretrained (the backbone must know the m_lo
 Edit entities are dealt round-robin over the other signatures, so consecutive records (the
 edits of one chunk) have different colour signatures.
 
+Near-miss m_loc images in the train split (format 8). Measured with a trained editor, its visual
+filter fires on 12-26% of the m_loc images that share 2 of the 3 colours with an edited image and
+almost never on those sharing 0-1; random batches seldom hold such pairs, so training rarely asks
+for the difference. Each TRAIN record's m_loc entity is therefore drawn (from the seed) among the
+m_loc pool entities whose signature shares exactly 2 of its edit entity's 3 colours (93% of the
+train records by default; the others, whose signature has no reserved near miss, keep a random
+pool entity), so an editor learns to tell an edited image from one that shares two of its three
+colours. The m_loc question and answer are as before (a VQA / VLKEB question about the m_loc
+image and its true answer). Eval m_loc images are still random from the reserved pool, so the
+benchmark itself is unchanged (eval files are byte-identical to format 7). So is the pretraining
+corpus: the random draw of format 7 is still made and its render still written (it stays a
+held-out render of ``pretrain/heldout.json``), the near miss replaces it only in the record.
+
 Knowledge on top of perception (VLKEB style): every (shape, colour) pair is the emblem of a
 made-up *city* (88 names) and every background colour is the flag of a made-up *country*
 (11 names); both lookups are drawn from the seed.
@@ -106,7 +119,7 @@ not end in whitespace). Text facts are < 1% of ``train.json``: oversample ``kind
 
 Default sizes (seed 0): 2,000 train / 1,000 eval records per dataset, an m_loc pool of 500
 entities (of the 720 with reserved signatures), 2 pretraining renders for each of the 5,968
-entities: 132k pretraining examples (19 MB), 12k held-out examples, 24,935 PNG files (64x64
+entities: 132k pretraining examples (19 MB), 12k held-out examples, 24,936 PNG files (64x64
 RGB, 18,436 distinct renders; 108 MB in all); ~17 s on 2 cores. Each dataset's train and eval
 records use one distinct entity per record. For extra image augmentation while pretraining, :func:`render_entity` with
 ``k >= 2 + pretrain_renders`` gives fresh renders that are never dataset images.
@@ -137,7 +150,7 @@ try:  # tqdm is optional: progress output only
 except ImportError:  # pragma: no cover
     _tqdm = None
 
-FORMAT_VERSION = 7  # bump whenever the generated content changes: stale worlds are regenerated
+FORMAT_VERSION = 8  # bump whenever the generated content changes: stale worlds are regenerated
 MANIFEST = "world.json"
 
 RECORD_KEYS = (
@@ -692,25 +705,29 @@ class _Builder:
         rng = random.Random(f"{cfg.seed}:split")
         self.train, self.eval, self.loc, self.extra, self.reserved = _split_universe(
             cfg, self.ents, rng)
-        # (entity idx, k) -> list of paths relative to <out>
+        # (entity idx, k) -> list of paths relative to <out>. ``renders`` holds exactly what
+        # format 7 rendered (pretrain/heldout.json samples from it, so it stays byte-identical);
+        # ``more_renders`` the train near-miss m_loc images (rendered too, never sampled).
         self.renders: dict[tuple[int, int], list[str]] = {}
+        self.more_renders: dict[tuple[int, int], list[str]] = {}
+        self._near: dict[tuple, list[int]] = {}
 
     # -- image paths --------------------------------------------------------------------
-    def _need(self, idx: int, k: int, rel: str) -> None:
-        paths = self.renders.setdefault((idx, k), [])
+    def _need(self, idx: int, k: int, rel: str, more: bool = False) -> None:
+        paths = (self.more_renders if more else self.renders).setdefault((idx, k), [])
         if rel not in paths:
             paths.append(rel)
 
-    def mm_image(self, split: str, idx: int, k: int) -> str:
+    def mm_image(self, split: str, idx: int, k: int, more: bool = False) -> str:
         """Path relative to easy-edit-mm/images."""
         rel = f"{split}/{self.ents[idx].id}_{k}.png"
-        self._need(idx, k, "easy-edit-mm/images/" + rel)
+        self._need(idx, k, "easy-edit-mm/images/" + rel, more)
         return rel
 
-    def kb_image(self, idx: int, k: int) -> str:
+    def kb_image(self, idx: int, k: int, more: bool = False) -> str:
         """Path relative to VLKEB/mmkb_images."""
         rel = f"{self.ents[idx].id}/render_{k}.png"
-        self._need(idx, k, "VLKEB/mmkb_images/" + rel)
+        self._need(idx, k, "VLKEB/mmkb_images/" + rel, more)
         return rel
 
     def pt_image(self, idx: int, k: int) -> str:
@@ -724,10 +741,37 @@ class _Builder:
         f = rng.choice(self.facts)
         return prefix + rng.choice(f.train_questions), f.answer
 
-    def _vqa_mloc(self, rng: random.Random, split_img) -> tuple[str, str, str]:
+    def near_misses(self, e: Entity) -> list[int]:
+        """m_loc pool entities sharing exactly 2 of the 3 colours of ``e``'s signature."""
+        sig = e.signature
+        if sig not in self._near:
+            self._near[sig] = [i for i in self.loc
+                               if sum(a == b for a, b in zip(sig, self.ents[i].signature)) == 2]
+        return self._near[sig]
+
+    def _mloc(self, rng: random.Random, nm: random.Random | None, e: Entity, img
+              ) -> tuple[str, Entity]:
+        """(m_loc path, entity) of a record on edit entity ``e``; ``img(idx, more)`` registers
+        and returns the path. The random pool draw of format 7 is always made and registered
+        (same ``rng`` stream and renders, so pretrain/heldout.json is unchanged); for train
+        (``nm`` given) a near miss of ``e`` replaces it when the pool has one."""
         le = self.ents[rng.choice(self.loc)]
+        path = img(le.idx, False)
+        near = self.near_misses(e) if nm is not None else []
+        if near:
+            le = self.ents[nm.choice(near)]
+            path = img(le.idx, True)
+        return path, le
+
+    def _nm_rng(self, name: str, split: str) -> random.Random | None:
+        """Draws the near misses of a train split (None: eval, m_loc stays random)."""
+        return random.Random(f"{self.cfg.seed}:nearmiss:{name}") if split == "train" else None
+
+    def _vqa_mloc(self, rng: random.Random, nm: random.Random | None, e: Entity
+                  ) -> tuple[str, str, str]:
+        path, le = self._mloc(rng, nm, e, lambda i, more: self.mm_image("loc", i, 0, more))
         qt = rng.choice(VQA_TYPES)
-        return split_img(le.idx), rng.choice(VQA_QUESTIONS[qt]), vqa_answer(le, qt)
+        return path, rng.choice(VQA_QUESTIONS[qt]), vqa_answer(le, qt)
 
     @staticmethod
     def _cycle(pool: Sequence[int], n: int) -> list[int]:
@@ -737,13 +781,14 @@ class _Builder:
     # Every template of every list is pretrained, so src / rephrase may use any two of them.
     def evqa(self, split: str, pool: Sequence[int], n: int) -> list[dict]:
         rng = random.Random(f"{self.cfg.seed}:evqa:{split}")
+        nm = self._nm_rng("evqa", split)
         recs = []
         for idx in self._cycle(pool, n):
             e = self.ents[idx]
             qt = rng.choice(VQA_TYPES)
             src, reph = rng.sample(VQA_QUESTIONS[qt], 2)
             loc, loc_ans = self._loc(rng, NQ_PREFIX)
-            m_loc, m_q, m_a = self._vqa_mloc(rng, lambda i: self.mm_image("loc", i, 0))
+            m_loc, m_q, m_a = self._vqa_mloc(rng, nm, e)
             recs.append({
                 "src": src, "rephrase": reph, "pred": vqa_answer(e, qt), "alt": vqa_alt(rng, e),
                 "image": self.mm_image(split, idx, 0),
@@ -755,12 +800,13 @@ class _Builder:
 
     def eic(self, split: str, pool: Sequence[int], n: int) -> list[dict]:
         rng = random.Random(f"{self.cfg.seed}:eic:{split}")
+        nm = self._nm_rng("eic", split)
         recs = []
         for idx in self._cycle(pool, n):
             e = self.ents[idx]
             reph = rng.choice([p for p in CAPTION_PROMPTS if p != CAPTION_SRC])
             loc, loc_ans = self._loc(rng, NQ_PREFIX)
-            m_loc, m_q, m_a = self._vqa_mloc(rng, lambda i: self.mm_image("loc", i, 0))
+            m_loc, m_q, m_a = self._vqa_mloc(rng, nm, e)
             recs.append({
                 "src": CAPTION_SRC, "rephrase": reph, "pred": caption(e),
                 "alt": alt_caption(rng, e),
@@ -776,6 +822,7 @@ class _Builder:
         w = self.world
         cities = sorted(set(w.cities.values()))
         countries = sorted(set(w.countries.values()))
+        nm = self._nm_rng("vlkeb", split)
         recs = []
         for idx in self._cycle(pool, n):
             e = self.ents[idx]
@@ -784,14 +831,14 @@ class _Builder:
             pred = vlkeb_answer(w, e, qt)
             alt = rng.choice([v for v in (cities if qt == "city" else countries) if v != pred])
             loc, loc_ans = self._loc(rng, "")
-            le = self.ents[rng.choice(self.loc)]
+            m_loc, le = self._mloc(rng, nm, e, lambda i, more: self.kb_image(i, 0, more))
             mqt = "city" if rng.random() < VLKEB_CITY_FRACTION else "country"
             recs.append({
                 "src": src, "rephrase": reph, "pred": pred, "alt": alt,
                 "image": self.kb_image(idx, 0),
                 "image_rephrase": self.kb_image(idx, 1),
                 "loc": loc, "loc_ans": loc_ans,
-                "m_loc": self.kb_image(le.idx, 0),
+                "m_loc": m_loc,
                 "m_loc_q": rng.choice(VLKEB_QUESTIONS[mqt]),
                 "m_loc_a": vlkeb_answer(w, le, mqt),
             })
@@ -919,10 +966,13 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
     pre_train, pre_held = b.pretrain()
 
     # Render every needed (entity, k) once; write its bytes to every path that uses it.
-    keys = sorted(b.renders)
-    for d in {str(Path(p).parent) for ps in b.renders.values() for p in ps}:
+    renders = {key: list(ps) for key, ps in b.renders.items()}
+    for key, ps in b.more_renders.items():
+        renders.setdefault(key, []).extend(p for p in ps if p not in renders.get(key, ()))
+    keys = sorted(renders)
+    for d in {str(Path(p).parent) for ps in renders.values() for p in ps}:
         (root / d).mkdir(parents=True, exist_ok=True)
-    tasks = [(astuple_entity(b.ents[i]), k, [str(root / p) for p in b.renders[(i, k)]])
+    tasks = [(astuple_entity(b.ents[i]), k, [str(root / p) for p in renders[(i, k)]])
              for i, k in keys]
     chunk = max(1, min(200, math.ceil(len(tasks) / (4 * max(workers, 1)))))
     chunks = [(cfg.seed, cfg.image_size, tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
@@ -962,7 +1012,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
                      "loc": len(b.loc), "extra": len(b.extra), "file": "entities.json",
                      "signatures": len({e.signature for e in b.ents}),
                      "loc_signatures": [list(sig) for sig in b.reserved]},
-        "images": {"renders": len(keys), "files": sum(len(v) for v in b.renders.values()),
+        "images": {"renders": len(keys), "files": sum(len(v) for v in renders.values()),
                    "size": cfg.image_size},
         "vocabulary": {
             "shapes": list(SHAPES), "colors": {k: list(v) for k, v in COLORS.items()},

@@ -289,6 +289,61 @@ def test_default_split_covers_every_entity():
     assert len({ents[i].signature for i in ev[:100]}) == 100
 
 
+def _build(near: bool = True):
+    """Default-size builder (no rendering): (builder, datasets, pretraining corpus); ``near=False``
+    turns the train near misses off, i.e. format 7's random m_loc draws."""
+    b = W._Builder(W.WorldConfig())
+    if not near:
+        b.near_misses = lambda e: []
+    n_tr, n_ev = b.cfg.n_train, b.cfg.n_eval
+    ds = {f"{k}_{s}": getattr(b, k)(s, pool, n) for k in ("evqa", "eic", "vlkeb")
+          for s, pool, n in (("train", b.train, n_tr), ("eval", b.eval, n_ev))}
+    return b, ds, b.pretrain()
+
+
+@pytest.fixture(scope="module")
+def default_build():
+    return _build()
+
+
+def _shared(b, r) -> int:
+    ids = {e.id: e for e in b.ents}
+    e, le = ids[_eid(r["image"])], ids[_eid(r["m_loc"])]
+    return sum(x == y for x, y in zip(e.signature, le.signature))
+
+
+def test_train_mloc_are_near_misses(default_build):
+    b, ds, _ = default_build
+    ids = {e.id: e for e in b.ents}
+    loc = set(b.loc)
+    for name, recs in ds.items():
+        assert all(ids[_eid(r["m_loc"])].idx in loc for r in recs)  # reserved m_loc pool
+        shared = [_shared(b, r) for r in recs]
+        if name.endswith("_train"):
+            # a near miss whenever the pool has one (~93% by default); the rest stay random
+            has = [bool(b.near_misses(ids[_eid(r["image"])])) for r in recs]
+            assert [s == 2 for s in shared] == has, name
+            assert sum(has) / len(recs) >= 0.9, name
+        else:  # eval: random from the pool, near misses only by chance
+            assert shared.count(2) / len(recs) < 0.1, name
+
+
+def test_near_misses_change_only_train_mloc(default_build):
+    """Format 8 vs format 7: eval records and the pretraining corpus are identical; train records
+    differ only in their m_loc image and answer."""
+    _, ds, pre = default_build
+    _, ds7, pre7 = _build(near=False)
+    assert pre == pre7
+    for name, recs in ds.items():
+        if name.endswith("_eval"):
+            assert recs == ds7[name]
+        else:
+            strip = lambda rs: [{k: v for k, v in r.items() if k not in ("m_loc", "m_loc_a")}
+                                for r in rs]
+            assert strip(recs) == strip(ds7[name])
+            assert sum(r["m_loc"] != r7["m_loc"] for r, r7 in zip(recs, ds7[name])) > len(recs) // 2
+
+
 # ----------------------------------------------------------------------------- pretraining
 
 
