@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,16 @@ class PretrainConfig:
     vocab_size: int = 1024
     seed: int = 0
     size: TinySize = field(default_factory=TinySize)
+
+
+# Per-backbone departures from PretrainConfig's defaults, each measured: tiny-blip2 (OPT decoder)
+# gave VQA 98.8 / text 87.4 at text_fraction 0.25 and VQA 67.5 / text 94.9 at 0.35.
+BACKBONE_DEFAULTS = {"tiny-blip2": {"text_fraction": 0.25}}
+
+
+def default_config(name: str) -> PretrainConfig:
+    """The pretraining config a tiny backbone is built with by default."""
+    return PretrainConfig(**BACKBONE_DEFAULTS.get(name, {}))
 
 
 def _schedule(step: int, cfg: PretrainConfig) -> float:
@@ -138,7 +149,7 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
     from backbones import BACKBONES
     if name not in TINY_FAMILIES:
         raise UserError(f"unknown tiny backbone {name!r}; known: {', '.join(TINY_FAMILIES)}")
-    cfg = cfg or PretrainConfig()
+    cfg = cfg or default_config(name)
     family = TINY_FAMILIES[name]
     world_dir = Path(world_dir) if world_dir else SYNTHETIC_DIR
     out_dir = Path(out_dir)
@@ -243,19 +254,21 @@ def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:
 @cli_main
 def main(argv=None):
     d = PretrainConfig()
+    tunable = ("steps", "batch_size", "lr", "text_fraction", "qformer_lr_scale", "vocab_size", "seed")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", required=True, choices=sorted(TINY_FAMILIES) + ["all"])
     p.add_argument("--out", help="output folder (default: its model_path_map entry)")
     p.add_argument("--world_dir", help=f"synthetic world folder (default: {SYNTHETIC_DIR})")
-    for k in ("steps", "batch_size", "lr", "text_fraction", "qformer_lr_scale", "vocab_size", "seed"):
-        p.add_argument(f"--{k}", type=type(getattr(d, k)), default=getattr(d, k))
+    for k in tunable:
+        special = "".join(f"; {v[k]} for {n}" for n, v in BACKBONE_DEFAULTS.items() if k in v)
+        p.add_argument(f"--{k}", type=type(getattr(d, k)), default=None, help=f"default {getattr(d, k)}{special}")
     a = p.parse_args(argv)
     names = sorted(TINY_FAMILIES) if a.backbone == "all" else [a.backbone]
     if a.out and len(names) > 1:
         raise UserError("--out needs a single --backbone")
     for name in names:
-        cfg = PretrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, text_fraction=a.text_fraction,
-                             qformer_lr_scale=a.qformer_lr_scale, vocab_size=a.vocab_size, seed=a.seed)
+        given = {k: getattr(a, k) for k in tunable if getattr(a, k) is not None}
+        cfg = dataclasses.replace(default_config(name), **given)
         report = pretrain_tiny(name, a.out or model_path_map[name], a.world_dir, cfg)
         print(json.dumps(report, indent=2))
 
