@@ -1,12 +1,12 @@
 """The main job on the embedded default, end to end, with the project's own two scripts:
 
-1. train LiveEdit on SYNTH-EVQA with tiny-llava (the synthetic world and the tiny backbone are built
+1. train LiveEdit on SYNTH-EVQA with tiny-blip2 (the synthetic world and the tiny backbone are built
    on first use and cached under data/synthetic/);
 2. evaluate it in the lifelong protocol (T = 100 edits per chunk), beside the `none` floor.
 
 Each command is printed before it runs, so it can be copied and changed.
 
-    python scripts/demo.py [--backbone tiny-llava] [--dataset SYNTH-EVQA] [--steps 3000] [-sen 100]
+    python scripts/demo.py [--backbone tiny-blip2] [--dataset SYNTH-EVQA] [--steps N] [-sen 100]
 """
 import argparse
 import re
@@ -33,9 +33,10 @@ def run(cmd: list[str]) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="tiny-llava")
+    p.add_argument("--backbone", default="tiny-blip2")
     p.add_argument("--dataset", default="SYNTH-EVQA")
-    p.add_argument("--steps", type=int, default=3000, help="LiveEdit training steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="LiveEdit training steps (default: the config's train.max_steps)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("-sen", "--sequential_edit_n", type=int, default=100)
     p.add_argument("-dsn", "--data_sample_n", type=int, default=1000)
@@ -43,8 +44,8 @@ def main():
     t0 = time.time()
     py = sys.executable
     out = run([py, "train_vllm_editor.py", "-en", "liveedit", "-mn", a.backbone, "-dna", a.dataset,
-               "-bs", str(a.batch_size), "-dvc", "cpu", "--max_steps", str(a.steps), "-sci", "500",
-               "-rs", "0", "-tnp", "demo"])
+               "-bs", str(a.batch_size), "-dvc", "cpu", "-sci", "500", "-rs", "0", "-tnp", "demo"]
+              + (["--max_steps", str(a.steps)] if a.steps else []))
     ckpt = re.findall(r"^final checkpoint: (.+)$", out, flags=re.M)[-1].strip()
     evaluate = [py, "test_vllm_edit.py", "-mn", a.backbone, "-dn", a.dataset, "-sen", str(a.sequential_edit_n),
                 "-dsn", str(a.data_sample_n), "-dvc", "cpu"]
