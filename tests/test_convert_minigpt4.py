@@ -27,7 +27,7 @@ _spec.loader.exec_module(convert)
 CORPUS = ["###Human: <Img></Img> What color is the shape? ###Assistant: red",
           "describe the image: a blue circle on a green background", "What shape is it? The answer is: circle"] * 20
 SIZE = TinySize(hidden=64, layers=2, heads=4, vision_layers=2, qformer_layers=3, num_query_tokens=4,
-                image_size=32, patch_size=8)
+                image_size=32, patch_size=8, qformer_cross_every=2)   # as in the real release
 # Distinct widths and head counts for the three parts, so that a confused dimension or head count
 # cannot go unnoticed (the tiny builder uses one width for all).
 VISION = dict(hidden_size=48, intermediate_size=80, num_attention_heads=6)
