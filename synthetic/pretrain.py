@@ -7,7 +7,8 @@ Each backbone is a real ``Blip2ForConditionalGeneration`` (OPT or Llama decoder)
 BPE tokenizer trained on the world's text. It is trained through the very wrapper the editors use
 (same prompt templates, same label masks), then saved with ``save_pretrained`` so it loads through
 the ``from_pretrained`` path of real weights. Scripts call ``ensure_tiny_backbone`` and the backbone
-is built the first time it is needed, then cached under ``data/tiny_backbones/`` (and rebuilt when the world it learned changes).
+is built the first time it is needed, then cached under ``data/tiny_backbones/`` (and rebuilt when the
+pretraining corpus it learned changes).
 """
 from __future__ import annotations
 
@@ -231,7 +232,7 @@ def world_identity(world_dir: Path) -> dict:
 
 def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:
     """Pretrain tiny backbone ``name`` into ``path`` unless it is there, trained on the current
-    default world (a backbone of an older world is rebuilt: its answers are that world's)."""
+    default world (a backbone that learned another pretraining corpus is rebuilt: its answers are that world's)."""
     path = Path(path) if path else Path(model_path_map[name])
     reason = "is not built yet"
     if (path / "config.json").is_file():
@@ -242,7 +243,7 @@ def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:
             reason = None
         if learned is not None:
             same = learned == world_identity(current_world(SYNTHETIC_DIR))
-            reason = None if same else "was trained on an older world"
+            reason = None if same else "was trained on another pretraining corpus"
     if reason:
         print(f"{name} {reason}: pretraining it on the synthetic world (once, a few minutes)", file=sys.stderr)
         report = pretrain_tiny(name, path, progress=progress)
