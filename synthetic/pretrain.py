@@ -20,8 +20,7 @@ import random
 import shutil
 import sys
 import time
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer, vision_encoder  # noqa: E402
-from synthetic.world import FORMAT_VERSION, PRETRAIN_FILES, ensure_world, load_pretrain, read_manifest, text_corpus  # noqa: E402
+from synthetic.world import (FORMAT_VERSION, PRETRAIN_FILES, ensure_world, load_pretrain,  # noqa: E402
+                             read_manifest, text_corpus)
 from utils.GLOBAL import SYNTHETIC_DIR, model_path_map  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.io import write_json  # noqa: E402
@@ -270,7 +270,7 @@ def main(argv=None):
         raise UserError("--out needs a single --backbone")
     for name in names:
         given = {k: getattr(a, k) for k in tunable if getattr(a, k) is not None}
-        cfg = dataclasses.replace(default_config(name), **given)
+        cfg = replace(default_config(name), **given)
         report = pretrain_tiny(name, a.out or model_path_map[name], a.world_dir, cfg)
         print(json.dumps(report, indent=2))
 

@@ -35,13 +35,6 @@ class DummyConfig:
     train: DummyTrainConfig = field(default_factory=DummyTrainConfig)
 
 
-def per_record(loss, logits, *rest):
-    """Mean over records of each record's token-mean loss: a mean over records, so the shard-weighted
-    data-parallel gradient equals the one-process gradient exactly (a token mean over the whole
-    batch would weight records by their target length)."""
-    return torch.stack([loss(logits[i:i + 1], *(r[i:i + 1] for r in rest)) for i in range(len(logits))]).mean()
-
-
 class ResidualEditor(BaseEditor):
     name = "dummy-residual"
     config_class = DummyConfig
@@ -89,9 +82,12 @@ class ResidualEditor(BaseEditor):
         loc_batch = bb.encode([r.image_loc for r in records])
         with torch.no_grad():
             ref = bb.logits(loc_batch)
-        return {"rel": t.rel_weight * per_record(masked_nll, bb.logits(rel_batch, edits), rel_batch.labels),
-                "gen": t.gen_weight * per_record(masked_nll, bb.logits(gen_batch, edits), gen_batch.labels),
-                "loc": t.loc_weight * per_record(masked_kl, bb.logits(loc_batch, edits), ref, loc_batch.labels)}
+        # means over records of each record's token mean, so the shard-weighted data-parallel
+        # gradient equals the one-process gradient exactly (a token mean would weight by length)
+        def nll(b):
+            return masked_nll(bb.logits(b, edits), b.labels, per_sample=True).mean()
+        kl = masked_kl(bb.logits(loc_batch, edits), ref, loc_batch.labels, per_sample=True).mean()
+        return {"rel": t.rel_weight * nll(rel_batch), "gen": t.gen_weight * nll(gen_batch), "loc": t.loc_weight * kl}
 
 
 class FrozenEditor(BaseEditor):
