@@ -12,6 +12,8 @@ from synthetic import pretrain
 from synthetic.pretrain import PixelCache, PretrainConfig, _batch, heldout_accuracy, pretrain_tiny
 from synthetic.world import ensure_world, load_pretrain
 from utils.errors import UserError
+from utils.losses import IGNORE
+from vl_datasets.records import Sample
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +66,37 @@ def test_backbone_of_another_world_is_rebuilt(small_world, tmp_path, monkeypatch
     assert calls == ["tiny-llava"]  # not built yet
     path.mkdir()
     (path / "config.json").write_text("{}")
-    report = {"world": pretrain.world_identity(small_world)}
+    report = {"built_from": pretrain.build_identity(small_world)}
     (path / "pretrain_report.json").write_text(json.dumps(report))
     pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
     assert calls == ["tiny-llava"]  # built on the current world: kept
-    report["world"]["pretrain_corpus_sha256"] = "0" * 16
+    report["built_from"]["pretrain_corpus_sha256"] = "0" * 16
     (path / "pretrain_report.json").write_text(json.dumps(report))
     pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
     assert calls == ["tiny-llava"] * 2  # learned another world: rebuilt
+    report["built_from"] = {**pretrain.build_identity(small_world), "recipe": pretrain.RECIPE_VERSION - 1}
+    (path / "pretrain_report.json").write_text(json.dumps(report))
+    pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
+    assert calls == ["tiny-llava"] * 3  # built by an older recipe: rebuilt
 
 
 def test_unknown_tiny_backbone(tmp_path):
     with pytest.raises(UserError, match="unknown tiny backbone 'tiny-gpt'"):
         pretrain_tiny("tiny-gpt", tmp_path / "x")
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava"])
+def test_prompt_lm_labels_cover_the_prompt_text_only(load_tiny, images, family):
+    bb = load_tiny(family)
+    samples = [Sample("What color is the shape? The answer is:", "red", images[0]),
+               Sample("nq question: who rules zorbia?", "Queen Quell", None)]
+    batch = bb.encode(samples)
+    labels = pretrain.prompt_lm_labels(batch)
+    for b in range(len(samples)):
+        start, end = batch.prompt_range[b].tolist()
+        inside = torch.zeros_like(labels[b], dtype=torch.bool)
+        inside[start + 1:end] = True
+        # the prompt's own tokens (after its first) are labels; vision, answer and padding are not
+        assert torch.equal(labels[b][inside], batch.input_ids[b][inside])
+        assert bool((labels[b][~inside] == IGNORE).all())
+        assert end - start > 3
