@@ -33,8 +33,8 @@ def resolve_backbone_name(name: str) -> str:
 
 def load_backbone(name: str, device: str = "cpu", model_path=None, dtype=None) -> VLBackbone:
     """Load backbone ``name`` from ``model_path`` or its entry in ``model_path_map``. A tiny backbone
-    that is not on disk yet (or, at its default path, was trained on an older synthetic world) is
-    pretrained on the synthetic world first, then cached."""
+    that is not on disk yet (or, at its default path, was built from another pretraining corpus or an
+    older recipe) is pretrained on the synthetic world first, then cached."""
     full = resolve_backbone_name(name)
     path = Path(model_path) if model_path else Path(model_path_map[full])
     if full in TINY_BACKBONES and (model_path is None or not (path / "config.json").is_file()):
