@@ -498,3 +498,29 @@ def test_span_masks_follow_the_batch_ranges(load_tiny, images):
         for mask, rng in ((vision, batch.vision_range), (prompt, batch.prompt_range), (target, batch.target_range)):
             s, e = rng[b].tolist()
             assert mask[b].nonzero().flatten().tolist() == list(range(s, e))
+
+
+def test_target_identity_probe(load_tiny, images):
+    """scripts/probe_target_identity.py: the probe separates separable states, not random labels,
+    and reads the states at the target positions of the edit requests."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from probe_target_identity import probe_accuracy, target_states
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.randn(200, 16, generator=g) + 8 * torch.eye(16)[y]
+    assert probe_accuracy(x[:150], y[:150], x[150:], y[150:], 4) == (1.0, 1.0)
+    noise = torch.randn(200, 64, generator=g)
+    assert probe_accuracy(noise[:150], y[:150], noise[150:], y[150:], 4)[1] < 0.5
+
+    bb = load_tiny("blip2")
+    targets = ["red", "blue", "red"]
+    recs = [EditRecord(i, edit=Sample("What color is the shape? The answer is:", t, images[i % len(images)]),
+                       text_rephrase=None, image_rephrase=None, text_loc=None, image_loc=None)
+            for i, t in enumerate(targets)]
+    states = target_states(bb, recs, [0, 1])
+    assert set(states) == {0, 1} and states[1].shape == (3, bb.hidden_size)
+    batch = bb.encode([r.edit for r in recs])
+    h = bb.hidden_at(batch, 1).float()
+    start, end = batch.target_range[0].tolist()
+    expected = torch.nn.functional.layer_norm(h[0, start:end].mean(0), (bb.hidden_size,))
+    assert torch.allclose(states[1][0], expected, atol=1e-5)
