@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -68,6 +69,22 @@ BACKBONE_DEFAULTS = {"tiny-blip2": {"steps": 3500, "text_fraction": 0.3}}
 def default_config(name: str) -> PretrainConfig:
     """The pretraining config a tiny backbone is built with by default."""
     return PretrainConfig(**BACKBONE_DEFAULTS.get(name, {}))
+
+
+def tokenizer_texts(name: str, world_dir: Path) -> list[str]:
+    """What the BPE tokenizer of ``name`` is trained on: the world's texts and, as often, the words of
+    the family's prompt template (LLaVA ``USER: ... ASSISTANT:``, MiniGPT-4 ``###Human: <Img></Img>
+    ... ###Assistant:``). Every prompt is wrapped in the template but the world's texts never contain
+    it, so without them its words stayed single bytes ("ASSISTANT:" was 11 tokens) and the Llama
+    families' sequences were 40% longer (46 instead of 34 tokens for an LLaVA VQA example)."""
+    from backbones import BACKBONES
+    from backbones.tiny import IMAGE_TOKEN
+    texts = text_corpus(world_dir)
+    # The template around an empty prompt, cut where the image tokens sit: special tokens are split
+    # off before the BPE sees the text, so these are the pieces it tokenizes.
+    wrapper = SimpleNamespace(image_token=IMAGE_TOKEN, n_vision_tokens=1)
+    pieces = [t for t in BACKBONES.get(name).prompt_text(wrapper, "", True).split(IMAGE_TOKEN) if t.strip()]
+    return texts + pieces * len(texts)
 
 
 def _schedule(step: int, cfg: PretrainConfig) -> float:
@@ -162,7 +179,7 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = train_tokenizer(text_corpus(world_dir), cfg.vocab_size)
+    tok = train_tokenizer(tokenizer_texts(name, world_dir), cfg.vocab_size)
     save_tiny(build_tiny_model(family, tok, cfg.size, seed=cfg.seed), family, tok, cfg.size, tmp)
     backbone = BACKBONES.get(name).load(name, tmp)  # the from_pretrained path of real weights
     model = backbone.model

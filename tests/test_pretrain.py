@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from backbones import load_backbone
 from backbones.tiny import TinySize
 from synthetic import pretrain
-from synthetic.pretrain import PixelCache, PretrainConfig, _batch, heldout_accuracy, pretrain_tiny
+from synthetic.pretrain import PixelCache, PretrainConfig, _batch, heldout_accuracy, pretrain_tiny, tokenizer_texts
 from synthetic.world import ensure_world, load_pretrain
 from utils.errors import UserError
 
@@ -77,3 +77,14 @@ def test_backbone_of_another_world_is_rebuilt(small_world, tmp_path, monkeypatch
 def test_unknown_tiny_backbone(tmp_path):
     with pytest.raises(UserError, match="unknown tiny backbone 'tiny-gpt'"):
         pretrain_tiny("tiny-gpt", tmp_path / "x")
+
+
+def test_tokenizer_learns_the_prompt_template(small_world):
+    """The Llama families' templates are in the tokenizer's training texts, so they are whole words."""
+    from backbones.tiny import train_tokenizer
+    assert tokenizer_texts("tiny-blip2", small_world) == pretrain.text_corpus(small_world)
+    tok = train_tokenizer(tokenizer_texts("tiny-llava", small_world), 512)
+    assert tok.tokenize("USER: ASSISTANT:") == ["USER", ":", "ĠASSISTANT", ":"]
+    tok = train_tokenizer(tokenizer_texts("tiny-minigpt4", small_world), 512)
+    assert tok.tokenize("###Human: <Img><image></Img> ###Assistant:") == [
+        "###", "Human", ":", "Ġ<", "Img", ">", "<image>", "</", "Img", ">", "Ġ###", "Assistant", ":"]
