@@ -151,9 +151,10 @@ class VLBackbone:
         pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
         return self.collate(samples, rows, pixels)
 
-    def collate(self, samples: Sequence[Sample], rows, pixel_values=None) -> VLBatch:
+    def collate(self, samples: Sequence[Sample], rows, pixel_values=None, image_features=None) -> VLBatch:
         """Pad tokenized ``rows`` (from ``tokenize``) into a batch and insert the image features of
-        ``pixel_values`` (one image per sample that has one, in order)."""
+        ``pixel_values`` (one image per sample that has one, in order), or ``image_features`` given
+        as they are ([N, n_vision_tokens, D], e.g. computed from cached encoder outputs)."""
         B, L = len(rows), max(len(ids) for ids, _ in rows)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(B, L, dtype=torch.long)
@@ -184,9 +185,10 @@ class VLBackbone:
         input_ids = input_ids.to(self.device)
         embeds = self.model.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            feats = self.image_features(pixel_values.to(self.device, self.dtype))
+            image_features = self.image_features(pixel_values.to(self.device, self.dtype))
+        if image_features is not None:
             mask = is_vision.to(embeds.device)[..., None].expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
         return VLBatch(input_ids, embeds, attention_mask.to(self.device), labels.to(self.device),
                        vision_range.to(self.device), prompt_range.to(self.device),
                        target_range.to(self.device))

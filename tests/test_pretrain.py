@@ -9,11 +9,12 @@ from safetensors.torch import load_file
 from backbones import load_backbone
 from backbones.tiny import TinySize
 from synthetic import pretrain
-from synthetic.pretrain import PixelCache, PretrainConfig, _batch, heldout_accuracy, pretrain_tiny
+from synthetic.pretrain import (ImageCache, PretrainConfig, _batch, encode_frozen, features_from_encoded,
+                                heldout_accuracy, pretrain_loss, pretrain_tiny, tokenizer_texts)
 from synthetic.world import ensure_world, load_pretrain
 from utils.errors import UserError
-from utils.losses import IGNORE
-from vl_datasets.records import Sample
+from utils.losses import IGNORE, masked_nll
+from vl_datasets.records import Sample, open_image
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,13 @@ def test_quick_pretrain_learns_and_reloads_through_the_path_map(small_world, tmp
     monkeypatch.setattr(pretrain, "SYNTHETIC_DIR", small_world)  # the world it learned is the default
     a, b = load_backbone("tiny-blip2"), load_backbone("tiny-blip2")
     held = load_pretrain(small_world, "heldout")[:48]
-    cache = PixelCache(a, small_world, held)
+    cache = ImageCache(a, small_world, held)
     batch_a, batch_b = _batch(a, small_world, held, cache), _batch(b, small_world, held, cache)
     with torch.no_grad():
         assert torch.equal(a.logits(batch_a), b.logits(batch_b))
     # the reloaded weights are the trained ones: same held-out accuracy as measured in training
     full = load_pretrain(small_world, "heldout")
-    assert heldout_accuracy(a, small_world, full, PixelCache(a, small_world, full)) == acc
+    assert heldout_accuracy(a, small_world, full, ImageCache(a, small_world, full)) == acc
 
 
 def test_backbone_of_another_world_is_rebuilt(small_world, tmp_path, monkeypatch):
@@ -100,3 +101,53 @@ def test_prompt_lm_labels_cover_the_prompt_text_only(load_tiny, images, family):
         assert torch.equal(labels[b][inside], batch.input_ids[b][inside])
         assert bool((labels[b][~inside] == IGNORE).all())
         assert end - start > 3
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava", "minigpt4"])
+def test_cached_encoder_output_and_target_only_loss_are_the_full_path(family, load_tiny, images):
+    """Pretraining's two shortcuts compute what the wrapper's own path computes: image features from
+    the cached frozen-encoder output, and the loss with the head run only where targets are predicted
+    (same value, same gradients)."""
+    bb = load_tiny(family)
+    model = bb.model
+    pixels = bb.pixel_values([open_image(p) for p in images])
+    with torch.no_grad():
+        encoded = encode_frozen(model, pixels)
+    assert torch.allclose(features_from_encoded(model, encoded), bb.image_features(pixels), atol=1e-6)
+
+    samples = [Sample("What color is the shape? The answer is:", "red", images[0]),
+               Sample("nq question: who rules zorbia?", "Queen Quell", None),
+               Sample("a photo of a long prompt with more words in it", "blue circle", images[1])]
+    rows = [bb.tokenize(s.prompt, s.image is not None, s.target) for s in samples]
+    cached = bb.collate(samples, rows, image_features=features_from_encoded(model, encoded[[0, 1]]))
+    full = bb.encode(samples)
+    assert torch.allclose(cached.inputs_embeds, full.inputs_embeds, atol=1e-6)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for w in (0.0, 0.5):   # answers only, and with the next-token loss on the prompt text
+            fast = pretrain_loss(bb, full, w)
+            g_fast = torch.autograd.grad(fast, params, allow_unused=True)
+            logits = bb.logits(full)
+            ref = masked_nll(logits, full.labels, per_sample=True).mean()
+            if w:
+                ref = ref + w * masked_nll(logits, pretrain.prompt_lm_labels(full))
+            g_ref = torch.autograd.grad(ref, params, allow_unused=True)
+            assert torch.allclose(fast, ref, atol=1e-6)
+            for a, b in zip(g_fast, g_ref):
+                assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def test_tokenizer_learns_the_prompt_template(small_world):
+    """The Llama families' templates are in the tokenizer's training texts, so they are whole words."""
+    from backbones.tiny import train_tokenizer
+    assert tokenizer_texts("tiny-blip2", small_world) == pretrain.text_corpus(small_world)
+    tok = train_tokenizer(tokenizer_texts("tiny-llava", small_world), 512)
+    assert tok.tokenize("USER: ASSISTANT:") == ["USER", ":", "ĠASSISTANT", ":"]
+    tok = train_tokenizer(tokenizer_texts("tiny-minigpt4", small_world), 512)
+    assert tok.tokenize("###Human: <Img><image></Img> ###Assistant:") == [
+        "###", "Human", ":", "Ġ<", "Img", ">", "<image>", "</", "Img", ">", "Ġ###", "Assistant", ":"]
