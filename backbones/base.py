@@ -213,6 +213,14 @@ class VLBackbone:
         """Output of decoder layer ``layer`` (0-based), running only layers 0..layer."""
         return self._run(batch, 0, layer + 1)
 
+    def hidden_states(self, batch: VLBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Outputs of several decoder layers in one pass (layers 0..max(layers) run once each)."""
+        out, h, start = {}, None, 0
+        for layer in sorted(set(layers)):
+            h = out[layer] = self._run(batch, start, layer + 1, hidden=h)
+            start = layer + 1
+        return out
+
     def logits_from(self, hidden: torch.Tensor, batch: VLBatch, layer: int,
                     layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:
         """Logits given the output of decoder layer ``layer``: runs only layers layer+1.. and the head."""

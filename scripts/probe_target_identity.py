@@ -32,9 +32,8 @@ def target_states(backbone, records, layers, batch_size: int = 64) -> dict[int, 
     for i in range(0, len(records), batch_size):
         batch = backbone.encode([r.edit for r in records[i:i + batch_size]])
         target = span_masks(batch)[2].float()[..., None]
-        for layer in layers:
-            h = backbone.hidden_at(batch, layer).float()
-            mean = (h * target).sum(1) / target.sum(1).clamp(min=1)
+        for layer, h in backbone.hidden_states(batch, layers).items():   # one pass for all layers
+            mean = (h.float() * target).sum(1) / target.sum(1).clamp(min=1)
             out[layer].append(F.layer_norm(mean, mean.shape[-1:]))
     return {layer: torch.cat(v) for layer, v in out.items()}
 

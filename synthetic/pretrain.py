@@ -8,7 +8,7 @@ BPE tokenizer trained on the world's text. It is trained through the very wrappe
 (same prompt templates, same label masks), then saved with ``save_pretrained`` so it loads through
 the ``from_pretrained`` path of real weights. Scripts call ``ensure_tiny_backbone`` and the backbone
 is built the first time it is needed, then cached under ``data/tiny_backbones/`` (and rebuilt when the
-pretraining corpus it learned changes).
+pretraining corpus it learned or the build recipe changes).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class PretrainConfig:
     qformer_lr_scale: float = 0.3
     # Weight of a next-token loss on the prompt text, beside the answer loss. Real decoders are
     # LM-pretrained on every position; trained on answers only, the tiny OPT decoder lost the
-    # identity of the answer token by layer 4 (linear probe 77%, 97% with this loss), which is
+    # identity of the answer token by layer 4 (linear probe 78%, 97% with this loss), which is
     # what LiveEdit's generator reads an edit's target from. It also raised VQA and text accuracy.
     prompt_lm_weight: float = 0.5
     vocab_size: int = 1024
@@ -327,12 +327,8 @@ def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:
             report = json.loads((path / REPORT).read_text())
         except (OSError, json.JSONDecodeError):
             report = None
-        if report is None:
-            reason = None
-        elif report.get("built_from") == build_identity(current_world(SYNTHETIC_DIR)):
-            reason = None
-        else:
-            reason = "was built from another pretraining corpus or an older recipe"
+        same = report is None or report.get("built_from") == build_identity(current_world(SYNTHETIC_DIR))
+        reason = None if same else "was built from another pretraining corpus or an older recipe"
     if reason:
         print(f"{name} {reason}: pretraining it on the synthetic world (once, a few minutes)", file=sys.stderr)
         report = pretrain_tiny(name, path, progress=progress)
