@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trained editor checkpoint (file or folder); the editor is built from the editor config "
                         "saved with it (config.yaml), else from configs/<editor>/<backbone>.yaml")
     p.add_argument("-dn", "--data_name", required=True, help="EVQA, EIC, VLKEB or SYNTH-EVQA/EIC/VLKEB")
-    p.add_argument("-dsn", "--data_sample_n", type=int, default=None, help="use the first N eval records")
+    p.add_argument("--split", default="eval", choices=("eval", "val"),
+                   help="records to edit and test: eval (report) or val (tune configs on it). Synthetic "
+                        "datasets have a val file; real ones use the last records of their train file")
+    p.add_argument("-dsn", "--data_sample_n", type=int, default=None, help="use the first N records of the split")
     p.add_argument("--data_dir", default=None, help="data root (default: data/)")
     p.add_argument("--model_path", default=None, help="backbone folder (default: utils/GLOBAL.py model_path_map)")
     p.add_argument("--records_dir", default=None, help="records root (default: records/)")
@@ -72,9 +75,11 @@ def data_fingerprint(records) -> str:
     return h.hexdigest()[:16]
 
 
-def run_folder(records_dir: Path, editor: str, backbone: str, dataset: str, postfix: str, mode_dir: str) -> Path:
+def run_folder(records_dir: Path, editor: str, backbone: str, dataset: str, postfix: str, mode_dir: str,
+               split: str = "eval") -> Path:
+    """``records/<editor>/<backbone>/<split>/<dataset>[-<postfix>]/<mode>``: the split names the folder."""
     name = f"{dataset}-{postfix}" if postfix else dataset
-    return Path(records_dir) / editor / backbone / "eval" / name / mode_dir
+    return Path(records_dir) / editor / backbone / split / name / mode_dir
 
 
 def supports_state(editor_cls) -> bool:
@@ -133,20 +138,21 @@ def main(argv=None) -> dict:
         raise UserError(f"editor {args.editor_name!r} cannot save or load its edited state "
                         f"(--save_edited_state / --load_edited_state)")
     data_dir = Path(args.data_dir) if args.data_dir else DATA_DIR
-    records = load_dataset(spec.name, "eval", data_dir, limit=args.data_sample_n)
+    split = args.split
+    records = load_dataset(spec.name, split, data_dir, limit=args.data_sample_n)
     n = len(records)
     if args.data_sample_n and n < args.data_sample_n:
-        print(f"warning: -dsn {args.data_sample_n} but {spec.name} eval has only {n} records; using {n}",
+        print(f"warning: -dsn {args.data_sample_n} but {spec.name} {split} has only {n} records; using {n}",
               file=sys.stderr)
     if points is not None:
         T = points[-1]
         if T > n:
-            raise UserError(f"--eval_at {points[-1]} exceeds the {n} records of {spec.name} eval")
+            raise UserError(f"--eval_at {points[-1]} exceeds the {n} records of {spec.name} {split}")
         mode, mode_dir, stages = "eval_at", "eval_at_" + "_".join(map(str, points)), plan_points(points)
     else:
         T = args.sequential_edit_n
         if T > n:
-            raise UserError(f"-sen {T} exceeds the {n} records of {spec.name} eval"
+            raise UserError(f"-sen {T} exceeds the {n} records of {spec.name} {split}"
                             + (f" (-dsn {args.data_sample_n})" if args.data_sample_n else ""))
         mode, mode_dir, stages = "sequential", f"sequential_edit_{T}", plan_chunks(n, T)
     order = list(range(n))
@@ -159,9 +165,9 @@ def main(argv=None) -> dict:
 
     records_dir = Path(args.records_dir) if args.records_dir else RECORDS_DIR
     store = RunStore(run_folder(records_dir, args.editor_name, backbone_name, spec.name,
-                                args.eval_name_postfix, mode_dir))
+                                args.eval_name_postfix, mode_dir, split))
     absolute = lambda p: str(Path(p).resolve()) if p else None
-    identity = {"editor": args.editor_name, "backbone": backbone_name, "dataset": spec.name,
+    identity = {"editor": args.editor_name, "backbone": backbone_name, "dataset": spec.name, "split": split,
                 "sequential_edit_n": T, "eval_at": points, "data_sample_n": args.data_sample_n,
                 "n_records": n, "shuffle": args.shuffle, "seed": args.seed,
                 "checkpoint": absolute(weights), "model_path": absolute(args.model_path),

@@ -150,7 +150,7 @@ try:  # tqdm is optional: progress output only
 except ImportError:  # pragma: no cover
     _tqdm = None
 
-FORMAT_VERSION = 8  # bump whenever the generated content changes: stale worlds are regenerated
+FORMAT_VERSION = 9  # bump whenever the generated content changes: stale worlds are regenerated
 MANIFEST = "world.json"
 
 RECORD_KEYS = (
@@ -162,10 +162,13 @@ RECORD_KEYS = (
 DATASET_FILES = {
     "evqa_train": ("easy-edit-mm/vqa/vqa_train.json", "easy-edit-mm/images"),
     "evqa_eval": ("easy-edit-mm/vqa/vqa_eval.json", "easy-edit-mm/images"),
+    "evqa_val": ("easy-edit-mm/vqa/vqa_val.json", "easy-edit-mm/images"),
     "eic_train": ("easy-edit-mm/caption/caption_train_edit.json", "easy-edit-mm/images"),
     "eic_eval": ("easy-edit-mm/caption/caption_eval_edit.json", "easy-edit-mm/images"),
+    "eic_val": ("easy-edit-mm/caption/caption_val_edit.json", "easy-edit-mm/images"),
     "vlkeb_train": ("VLKEB/train.json", "VLKEB/mmkb_images"),
     "vlkeb_eval": ("VLKEB/eval.json", "VLKEB/mmkb_images"),
+    "vlkeb_val": ("VLKEB/val.json", "VLKEB/mmkb_images"),
 }
 PRETRAIN_FILES = {"train": "pretrain/train.json", "heldout": "pretrain/heldout.json"}
 
@@ -622,6 +625,7 @@ class WorldConfig:
     seed: int = 0
     n_train: int = 2000  # records per dataset, train split
     n_eval: int = 1000  # records per dataset, eval split
+    n_val: int = 500  # records per dataset, val split (configs are tuned on it; entities of its own)
     n_loc: int = 500  # entities of the m_loc pool (never edited; reserved signatures only)
     pretrain_renders: int = 2  # pretraining renders per entity (k = 2 .. 1 + pretrain_renders)
     extra_entities: int = -1  # entities beyond train/eval/loc that get pretraining renders (-1: all)
@@ -636,7 +640,7 @@ class WorldConfig:
                 raise TypeError(f"WorldConfig.{f.name} must be an int, got {v!r}")
         if self.seed < 0:
             raise ValueError(f"WorldConfig.seed must be >= 0, got {self.seed}")
-        for name in ("n_train", "n_eval", "n_loc", "pretrain_renders"):
+        for name in ("n_train", "n_eval", "n_val", "n_loc", "pretrain_renders"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.extra_entities < -1:
@@ -667,17 +671,27 @@ def _split_universe(cfg: WorldConfig, ents: Sequence[Entity], rng: random.Random
     n_loc = min(cfg.n_loc, len(loc_cands))
     groups = [rng.sample(by_sig[sig], len(by_sig[sig])) for sig in edit_sigs]
     order = [g[r] for r in range(max(map(len, groups))) for g in groups if r < len(g)]
-    if cfg.n_train + cfg.n_eval <= len(order):
-        n_tr, n_ev = cfg.n_train, cfg.n_eval
+    if cfg.n_train + cfg.n_eval + cfg.n_val <= len(order):
+        n_tr, n_ev, n_va = cfg.n_train, cfg.n_eval, cfg.n_val
     else:  # not enough entities for one per record: split proportionally, records cycle
-        n_tr = max(1, round(len(order) * cfg.n_train / (cfg.n_train + cfg.n_eval)))
-        n_ev = len(order) - n_tr
+        if len(order) < 3:
+            raise ValueError(f"the world has {len(order)} edit entities; train, eval and val need 3")
+        total = cfg.n_train + cfg.n_eval + cfg.n_val
+        n_tr = max(1, round(len(order) * cfg.n_train / total))
+        n_va = max(1, round(len(order) * cfg.n_val / total))
+        n_tr = min(n_tr, len(order) - n_va - 1)
+        n_ev = len(order) - n_tr - n_va
     train, ev = order[:n_tr], order[n_tr:n_tr + n_ev]
     extra = order[n_tr + n_ev:] + loc_cands[n_loc:]  # pretrained, never in a dataset
     rng.shuffle(extra)
+    # The val split takes the next entities of the edit order out of ``extra`` (after the same
+    # shuffle as format 8, so the pretraining corpus, which covers every entity, is unchanged).
+    val = order[n_tr + n_ev:n_tr + n_ev + n_va]
+    in_val = set(val)
+    extra = [i for i in extra if i not in in_val]
     if cfg.extra_entities >= 0:
         extra = extra[:cfg.extra_entities]
-    return train, ev, loc_cands[:n_loc], extra, sorted(reserved)
+    return train, ev, val, loc_cands[:n_loc], extra, sorted(reserved)
 
 
 # Paraphrase lists of the image examples: (kind, question type, templates, examples per
@@ -703,8 +717,11 @@ class _Builder:
         self.ents = self.world.entities
         self.facts = text_facts()
         rng = random.Random(f"{cfg.seed}:split")
-        self.train, self.eval, self.loc, self.extra, self.reserved = _split_universe(
+        self.train, self.eval, self.val, self.loc, self.extra, self.reserved = _split_universe(
             cfg, self.ents, rng)
+        # True while the val split is built: its images go to ``more_renders``, so the held-out
+        # pretraining set (sampled from ``renders``) stays what format 8 wrote.
+        self._val_images = False
         # (entity idx, k) -> list of paths relative to <out>. ``renders`` holds exactly what
         # format 7 rendered (pretrain/heldout.json samples from it, so it stays byte-identical);
         # ``more_renders`` the train near-miss m_loc images (rendered too, never sampled).
@@ -714,7 +731,7 @@ class _Builder:
 
     # -- image paths --------------------------------------------------------------------
     def _need(self, idx: int, k: int, rel: str, more: bool = False) -> None:
-        paths = (self.more_renders if more else self.renders).setdefault((idx, k), [])
+        paths = (self.more_renders if more or self._val_images else self.renders).setdefault((idx, k), [])
         if rel not in paths:
             paths.append(rel)
 
@@ -873,7 +890,7 @@ class _Builder:
         cfg = self.cfg
         rng = random.Random(f"{cfg.seed}:pretrain")
         train: list[dict] = []
-        pt_entities = sorted(set(self.train) | set(self.eval) | set(self.loc) | set(self.extra))
+        pt_entities = sorted(set(self.train) | set(self.eval) | set(self.val) | set(self.loc) | set(self.extra))
         for idx in pt_entities:
             e = self.ents[idx]
             # The entity's trained templates of each list in a random order, dealt out over its
@@ -924,8 +941,8 @@ class _Builder:
 
     def entities_table(self) -> list[dict]:
         split_of = {}
-        for name, pool in (("train", self.train), ("eval", self.eval), ("loc", self.loc),
-                           ("extra", self.extra)):
+        for name, pool in (("train", self.train), ("eval", self.eval), ("val", self.val),
+                           ("loc", self.loc), ("extra", self.extra)):
             for i in pool:
                 split_of[i] = name
         reserved = set(self.reserved)
@@ -964,6 +981,9 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
         "vlkeb_eval": b.vlkeb("eval", b.eval, cfg.n_eval),
     }
     pre_train, pre_held = b.pretrain()
+    b._val_images = True  # after pretrain(): the held-out set never samples val renders
+    datasets.update({"evqa_val": b.evqa("val", b.val, cfg.n_val), "eic_val": b.eic("val", b.val, cfg.n_val),
+                     "vlkeb_val": b.vlkeb("val", b.val, cfg.n_val)})
 
     # Render every needed (entity, k) once; write its bytes to every path that uses it.
     renders = {key: list(ps) for key, ps in b.renders.items()}
@@ -1008,7 +1028,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
                             "records": len(recs)} for name, recs in datasets.items()},
         "pretrain": {"train": {"file": PRETRAIN_FILES["train"], "examples": len(pre_train)},
                      "heldout": {"file": PRETRAIN_FILES["heldout"], "examples": len(pre_held)}},
-        "entities": {"total": len(b.ents), "train": len(b.train), "eval": len(b.eval),
+        "entities": {"total": len(b.ents), "train": len(b.train), "eval": len(b.eval), "val": len(b.val),
                      "loc": len(b.loc), "extra": len(b.extra), "file": "entities.json",
                      "signatures": len({e.signature for e in b.ents}),
                      "loc_signatures": [list(sig) for sig in b.reserved]},

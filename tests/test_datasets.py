@@ -95,3 +95,42 @@ def test_registry_lists_known_names():
     assert get_dataset_spec("E-VQA").name == "EVQA"
     with pytest.raises(UserError, match="unknown dataset 'COCO'; known: .*EVQA"):
         get_dataset_spec("COCO")
+
+
+def test_real_dataset_val_is_a_fixed_slice_left_out_of_training(tmp_path, images):
+    """Real datasets ship no val file: val is the last ``val_slice`` records of the train file, and
+    train leaves them out unless asked to keep them."""
+    from dataclasses import replace
+    from vl_datasets.mmedit import load_records
+    raw = real_schema_records("EVQA")
+    raw = [dict(raw[i % len(raw)], src=f"question {i}?") for i in range(10)]
+    spec = replace(get_dataset_spec("EVQA"), val_slice=3)
+    path = spec.split_file(tmp_path, "train")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(raw))
+    for r in raw:
+        for key in ("image", "image_rephrase", "m_loc"):
+            dst = tmp_path / spec.image_root / r[key]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(images[0], dst)
+    src = lambda recs: [r.edit.prompt.split("?")[0] for r in recs]
+    assert src(load_records(spec, tmp_path, "val")) == ["question 7", "question 8", "question 9"]
+    assert src(load_records(spec, tmp_path, "train")) == [f"question {i}" for i in range(7)]
+    assert len(load_records(spec, tmp_path, "train", include_val_slice=True)) == 10
+    assert get_dataset_spec("EVQA").splits == ("train", "eval", "val")
+    with pytest.raises(UserError, match="no split 'test'"):
+        spec.split_file(tmp_path, "test")
+
+
+def test_synthetic_val_split_has_its_own_entities(tmp_path):
+    """SYNTH-* val records edit entities that neither train nor eval edits."""
+    from synthetic.world import ensure_world
+    world = ensure_world(tmp_path / "synthetic", n_train=12, n_eval=6, n_val=5, n_loc=8, pretrain_renders=1,
+                         extra_entities=0, n_heldout_renders=4, image_size=32, entities_per_signature=2,
+                         progress=False, workers=1)
+    from vl_datasets.mmedit import load_records
+    load = lambda split: load_records(get_dataset_spec("SYNTH-EVQA"), tmp_path, split)  # no default-world check
+    ents = {s: {r.edit.image.rsplit("/", 1)[1].rsplit("_", 1)[0] for r in load(s)} for s in ("train", "eval", "val")}
+    assert len(load("val")) == 5
+    assert ents["val"] and not ents["val"] & ents["train"] and not ents["val"] & ents["eval"]
+    assert world.is_dir()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from synthetic import world as W
 
-SMALL = dict(n_train=14, n_eval=7, n_loc=4, pretrain_renders=1, extra_entities=3,
+SMALL = dict(n_train=14, n_eval=7, n_val=5, n_loc=4, pretrain_renders=1, extra_entities=3,
              n_heldout_renders=4)
 
 
@@ -107,7 +107,7 @@ def test_png_has_no_metadata(small_world):
 
 
 def test_schema_and_paths(small_world):
-    sizes = {"train": SMALL["n_train"], "eval": SMALL["n_eval"]}
+    sizes = {"train": SMALL["n_train"], "eval": SMALL["n_eval"], "val": SMALL["n_val"]}
     for name, recs, img_root in _datasets(small_world):
         assert len(recs) == sizes[name.split("_")[1]], name
         for r in recs:
@@ -147,8 +147,8 @@ def test_real_schema_sample_keys_match():
     if not samples.is_dir():
         pytest.skip("no schema samples on this machine")
     for f in samples.glob("*.json"):
-        for r in json.loads(f.read_text()):
-            assert set(r) == set(W.RECORD_KEYS), f
+        for r in json.loads(f.read_text()):  # VLKEB's portability files add port_new
+            assert set(r) - {"port_new"} == set(W.RECORD_KEYS), f
 
 
 def test_train_eval_entities_disjoint(small_world):
@@ -278,13 +278,14 @@ def test_mloc_signatures_never_edited(small_world):
 def test_default_split_covers_every_entity():
     cfg = W.WorldConfig()
     ents = W.build_world(0, cfg.entities_per_signature).entities
-    train, ev, loc, extra, reserved = W._split_universe(cfg, ents, random.Random("0:split"))
-    assert (len(train), len(ev), len(loc)) == (cfg.n_train, cfg.n_eval, cfg.n_loc)
-    pools = train + ev + loc + extra  # all pretrained (extra_entities=-1)
+    train, ev, val, loc, extra, reserved = W._split_universe(cfg, ents, random.Random("0:split"))
+    assert (len(train), len(ev), len(val), len(loc)) == (cfg.n_train, cfg.n_eval, cfg.n_val, cfg.n_loc)
+    assert cfg.n_val >= 500
+    pools = train + ev + val + loc + extra  # all pretrained (extra_entities=-1), each in one pool
     assert sorted(pools) == list(range(len(ents)))
     res = set(reserved)
     assert all(ents[i].signature in res for i in loc)
-    assert not any(ents[i].signature in res for i in train + ev)
+    assert not any(ents[i].signature in res for i in train + ev + val)
     # edits are dealt over signatures: any 100 consecutive eval edits differ in colours
     assert len({ents[i].signature for i in ev[:100]}) == 100
 

@@ -183,7 +183,7 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
         if not hasattr(tcfg, key):
             raise UserError(f"the config of editor {opts.editor_name!r} lacks train.{key}")
 
-    records = load_dataset(dataset, "train", opts.data_dir, opts.data_n)
+    records = load_dataset(dataset, "train", opts.data_dir, opts.data_n, opts.include_val_slice)
     if not records:
         raise UserError(f"dataset {dataset} has no training records")
 

@@ -44,11 +44,13 @@ class TrainOptions:
     records_dir: str | None = None
     mixed_precision: str | None = None   # None: what `accelerate launch` / its config says, else "no"
     config: str | None = None            # editor config YAML; default configs/<editor>/<backbone>.yaml
+    include_val_slice: bool = False      # real datasets: also train on the train-file slice that is `val`
 
 
 REQUIRED = ("editor_name", "edit_model_name", "data_name", "batch_size")
 # Flags that fix what is trained and in which order: a resumed run must keep them.
-IDENTITY = ("editor_name", "edit_model_name", "data_name", "batch_size", "random_seed", "data_n")
+IDENTITY = ("editor_name", "edit_model_name", "data_name", "batch_size", "random_seed", "data_n",
+            "include_val_slice")
 
 
 def default_device() -> str:
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mixed_precision", choices=MIXED_PRECISION,
       help="autocast the forward in fp16/bf16 (default: as `accelerate launch` says, else no)")
     a("--config", help="editor config YAML (default: configs/<editor>/<backbone>.yaml)")
+    a("--include_val_slice", action="store_true", default=None,
+      help="real datasets (no val file): also train on the last records of the train file, which "
+           "test_vllm_edit.py --split val evaluates on (default: left out)")
     return p
 
 

@@ -18,10 +18,17 @@ _LAYOUTS = {
     "VLKEB": dict(files={"train": "VLKEB/train.json", "eval": "VLKEB/eval.json"},
                   image_root="VLKEB/mmkb_images", vqa_prompts=False),
 }
+# The real datasets ship no validation file: their ``val`` split is the last REAL_VAL_SLICE records of
+# the train file, which training leaves out (train_vllm_editor.py --include_val_slice keeps them).
+REAL_VAL_SLICE = 500
+_SYNTH_VAL = {"EVQA": "easy-edit-mm/vqa/vqa_val.json", "EIC": "easy-edit-mm/caption/caption_val_edit.json",
+              "VLKEB": "VLKEB/val.json"}
 for _name, _layout in _LAYOUTS.items():
-    DATASETS.register(_name, DatasetSpec(name=_name, **_layout))
-    # The synthetic twin has the same layout under <data_dir>/synthetic.
-    _synth = {**_layout, "files": {k: f"synthetic/{v}" for k, v in _layout["files"].items()},
+    DATASETS.register(_name, DatasetSpec(name=_name, val_slice=REAL_VAL_SLICE, **_layout))
+    # The synthetic twin has the same layout under <data_dir>/synthetic, plus a val file of its own
+    # (entities disjoint from train and eval).
+    _files = {**_layout["files"], "val": _SYNTH_VAL[_name]}
+    _synth = {**_layout, "files": {k: f"synthetic/{v}" for k, v in _files.items()},
               "image_root": f"synthetic/{_layout['image_root']}"}
     DATASETS.register(f"SYNTH-{_name}", DatasetSpec(name=f"SYNTH-{_name}", synthetic=True, **_synth))
 
@@ -33,15 +40,16 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     return DATASETS.get(DATASET_ALIASES.get(name, name))
 
 
-def load_dataset(name: str, split: str, data_dir=None, limit: int | None = None) -> list[EditRecord]:
-    """Load ``split`` ('train' or 'eval') of dataset ``name``; synthetic datasets are generated on
-    first use."""
+def load_dataset(name: str, split: str, data_dir=None, limit: int | None = None,
+                 include_val_slice: bool = False) -> list[EditRecord]:
+    """Load ``split`` ('train', 'val' or 'eval') of dataset ``name``; synthetic datasets are
+    generated on first use. ``include_val_slice``: see ``load_records``."""
     spec = get_dataset_spec(name)
     data_dir = Path(data_dir) if data_dir else DATA_DIR
     if spec.synthetic:
         from synthetic.world import ensure_world
         ensure_world(data_dir / "synthetic")
-    return load_records(spec, data_dir, split, limit)
+    return load_records(spec, data_dir, split, limit, include_val_slice)
 
 
-__all__ = ["DATASETS", "EditRecord", "Sample", "get_dataset_spec", "load_dataset", "open_image"]
+__all__ = ["DATASETS", "REAL_VAL_SLICE", "EditRecord", "Sample", "get_dataset_spec", "load_dataset", "open_image"]

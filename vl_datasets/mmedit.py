@@ -23,11 +23,18 @@ class DatasetSpec:
     image_root: str        # relative to the data dir
     vqa_prompts: bool      # E-VQA style: "{question} The answer is:"; else src/rephrase as is
     synthetic: bool = False
+    # Datasets that ship no validation file: ``val`` is the last ``val_slice`` records of the train
+    # file, and ``train`` leaves them out (unless ``include_val_slice``). 0: ``val`` has its own file.
+    val_slice: int = 0
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.files) + (("val",) if self.val_slice else ())
 
     def split_file(self, data_dir: Path, split: str) -> Path:
-        if split not in self.files:
-            raise UserError(f"dataset {self.name} has no split {split!r}; splits: {', '.join(self.files)}")
-        return Path(data_dir) / self.files[split]
+        if split not in self.splits:
+            raise UserError(f"dataset {self.name} has no split {split!r}; splits: {', '.join(self.splits)}")
+        return Path(data_dir) / self.files["train" if split == "val" and self.val_slice else split]
 
 
 def answer_prompt(question: str) -> str:
@@ -59,8 +66,11 @@ def record_from_json(spec: DatasetSpec, raw: dict, index: int, image_root: Path,
     )
 
 
-def load_records(spec: DatasetSpec, data_dir, split: str, limit: int | None = None) -> list[EditRecord]:
-    """Read ``split`` of ``spec`` under ``data_dir``; ``limit`` keeps the first N records."""
+def load_records(spec: DatasetSpec, data_dir, split: str, limit: int | None = None,
+                 include_val_slice: bool = False) -> list[EditRecord]:
+    """Read ``split`` of ``spec`` under ``data_dir``; ``limit`` keeps the first N records. For a
+    dataset whose ``val`` is a slice of its train file, ``train`` leaves that slice out unless
+    ``include_val_slice``."""
     path = spec.split_file(data_dir, split)
     if not path.is_file():
         raise UserError(f"dataset {spec.name}: annotation file missing: {path}")
@@ -71,6 +81,12 @@ def load_records(spec: DatasetSpec, data_dir, split: str, limit: int | None = No
         raise UserError(f"dataset {spec.name}: {path} is not valid JSON ({e})") from None
     if not isinstance(raw, list):
         raise UserError(f"dataset {spec.name}: {path} must hold a JSON list of records")
+    if spec.val_slice and split in ("train", "val"):
+        if len(raw) <= spec.val_slice:
+            raise UserError(f"dataset {spec.name}: {path} has {len(raw)} records; its last {spec.val_slice} "
+                            f"are the val split, so it needs more")
+        cut = len(raw) - spec.val_slice
+        raw = raw[cut:] if split == "val" else (raw if include_val_slice else raw[:cut])
     if limit is not None:
         if limit <= 0:
             raise UserError(f"the number of records must be positive, got {limit}")
