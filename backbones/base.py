@@ -14,12 +14,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from backbones.sites import edits_by_layer
 from backbones.stacks import DecoderStack
 from vl_datasets.records import Sample, open_image
 
 IGNORE = -100
 
-# An edit at a decoder layer: f(hidden [B, L, D], batch) -> new hidden. Passed explicitly per call.
+# An edit at a named site of a decoder layer (backbones/sites.py): f(tensor, batch) -> new tensor.
+# Passed explicitly per call as ``layer_edits = {Site(component, layer) or layer index: f}``; an int
+# key is that layer's block output.
 LayerEdit = Callable[[torch.Tensor, "VLBatch"], torch.Tensor]
 
 
@@ -106,6 +109,20 @@ class VLBackbone:
 
     def layer(self, i: int) -> torch.nn.Module:
         return self.stack.layers[i]
+
+    # ---- module sites (backbones/sites.py): what weight-editing editors may change --------------
+    def mlp_input_projections(self, i: int) -> list[torch.nn.Linear]:
+        """The FFN input projections of decoder layer ``i`` (OPT ``fc1``; Llama ``gate_proj``, ``up_proj``)."""
+        return self.stack.mlp_input_projections(i)
+
+    def mlp_output_projection(self, i: int) -> torch.nn.Linear:
+        """The FFN output projection of decoder layer ``i`` (OPT ``fc2``; Llama ``down_proj``)."""
+        return self.stack.mlp_output_projection(i)
+
+    def connector_parameters(self) -> list[torch.nn.Parameter]:
+        """The vision-language connector's weights: what maps vision-encoder outputs into the LLM's
+        input space (BLIP-2 / MiniGPT-4: Q-Former, query tokens, projection; LLaVA: the projector)."""
+        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
@@ -199,10 +216,9 @@ class VLBackbone:
         the input embeddings when ``start`` is 0), applying ``layer_edits[i]`` to layer i's output."""
         h0, kwargs = self.stack.prepare(batch.inputs_embeds, batch.attention_mask)
         h = h0 if hidden is None else hidden
+        per_layer = edits_by_layer(layer_edits)
         for i in range(start, stop):
-            h = self.stack.layers[i](h, **kwargs)
-            if layer_edits and i in layer_edits:
-                h = layer_edits[i](h, batch)
+            h = self.stack.run_layer(i, h, kwargs, per_layer.get(i, {}), batch)
         return h
 
     def logits(self, batch: VLBatch, layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:
