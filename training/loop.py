@@ -7,8 +7,11 @@ section holding ``lr``, ``lr_cut_step`` (None: never) and ``lr_cut_factor``, and
 ``max_steps`` (the training length the config was tuned for; ``--max_steps`` overrides it). Optional:
 
 - ``editor.generator``: a ``torch.Generator`` for the editor's random choices; the loop seeds it
-  (``-rs`` + process index) and saves / restores its state for exact resume. An editor may instead
-  define ``rng_state()`` / ``set_rng_state(state)``;
+  with ``-rs`` (the same on every process, so draws made for the global batch agree) and saves /
+  restores its state for exact resume. An editor may instead define ``rng_state()`` /
+  ``set_rng_state(state)``;
+- a config field ``seed``: replaced by ``-rs`` before the editor is built, so ``-rs`` seeds the
+  initialisation of the trainable modules (the saved editor config records it);
 - ``editor.prepare_training_batch(records)``: runs in the prefetch thread (``-dbs`` ahead) and its
   result is what ``training_losses`` receives; it must not use any random generator;
 - ``editor.set_extra_devices(devices)``: receives ``-edvc`` on a CUDA machine.
@@ -17,8 +20,11 @@ Data parallel (``accelerate launch --num_processes N``): every process builds th
 the same seed, takes its contiguous share of each global batch of ``-bs`` records, and scales its
 loss by its share of the batch; the gradients of the trainable parameters are then summed across
 processes with ``accelerator.reduce``, which gives the gradient of the mean over the whole batch
-(for losses that are means over records), so every process takes the same optimizer step.
+(for losses that are means over records), so every process takes the same optimizer step. Losses
+that compare samples across the batch gather the other processes' features with
+``training.distributed.gather_rows`` and so see the global batch too.
 """
+import dataclasses
 import json
 import random
 import sys
@@ -38,6 +44,7 @@ from backbones import load_backbone, resolve_backbone_name
 from editors import EDITORS
 from training.checkpoint import checkpoint_dir, load_trained_weights, load_training_state, save_checkpoint
 from training.data import BatchOrder, Position, Prefetcher, shard
+from training.distributed import local_rows_count
 from training.options import TrainOptions
 from utils.GLOBAL import RECORDS_DIR
 from utils.config import from_dict, load_config, to_dict
@@ -81,11 +88,13 @@ def _editor_rng_set(editor, state):
         editor.generator.set_state(state)
 
 
-def _seed_all(editor, seed: int):
+def _seed_all(editor, seed: int, editor_seed: int):
+    """Global RNGs from ``seed`` (per process); the editor's generator from ``editor_seed`` (the
+    same on every process: its draws are made for the global batch)."""
     set_seed(seed)
     g = getattr(editor, "generator", None)
     if isinstance(g, torch.Generator):
-        g.manual_seed(seed)
+        g.manual_seed(editor_seed)
 
 
 def rng_state(editor) -> dict:
@@ -178,6 +187,8 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
         config = from_dict(editor_cls.config_class, saved["editor_config"], str(resume_ckpt / "config.yaml"))
     else:
         config = load_config(editor_cls.config_class, opts.editor_name, backbone_name, opts.config)
+        if "seed" in {f.name for f in dataclasses.fields(config)}:
+            config = dataclasses.replace(config, seed=opts.random_seed)   # -rs seeds the initialisation
     tcfg = getattr(config, "train", None)
     for key in ("lr", "lr_cut_step", "lr_cut_factor"):
         if not hasattr(tcfg, key):
@@ -213,7 +224,7 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tcfg.lr_cut_step, float(tcfg.lr_cut_factor)))
     optimizer = accelerator.prepare(optimizer)   # the scheduler stays ours: one cut step, any process count
-    _seed_all(editor, opts.random_seed + rank)
+    _seed_all(editor, opts.random_seed + rank, opts.random_seed)
 
     order = BatchOrder(len(records), opts.batch_size, opts.random_seed)
     total_steps = opts.epochs * order.batches_per_epoch
@@ -235,7 +246,7 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
         else:
             note(f"the checkpoint was written by {len(state['rng'])} process(es), this run has {world}: "
                  f"random streams restart from the seed")
-            _seed_all(editor, opts.random_seed + rank + 7919 * step)
+            _seed_all(editor, opts.random_seed + rank + 7919 * step, opts.random_seed + 7919 * step)
         run_dir = resume_ckpt.parent.parent
     else:
         root = Path(opts.records_dir or RECORDS_DIR) / opts.editor_name / backbone_name / dataset
@@ -298,7 +309,7 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
             except StopIteration:
                 break
             lr = optimizer.param_groups[0]["lr"]
-            with accelerator.autocast():
+            with accelerator.autocast(), local_rows_count(weight > 0):
                 terms = editor.training_losses(batch)
             if keys is None:
                 keys = sorted(terms)

@@ -18,8 +18,9 @@ _LAYOUTS = {
     "VLKEB": dict(files={"train": "VLKEB/train.json", "eval": "VLKEB/eval.json"},
                   image_root="VLKEB/mmkb_images", vqa_prompts=False),
 }
-# The real datasets ship no validation file: their ``val`` split is the last REAL_VAL_SLICE records of
-# the train file, which training leaves out (train_vllm_editor.py --include_val_slice keeps them).
+# The real datasets ship no validation file: their ``val`` split is the last 10% of the train file, at
+# most REAL_VAL_SLICE records (E-VQA 500, E-IC 284, VLKEB 500), which training leaves out
+# (train_vllm_editor.py --include_val_slice keeps them).
 REAL_VAL_SLICE = 500
 _SYNTH_VAL = {"EVQA": "easy-edit-mm/vqa/vqa_val.json", "EIC": "easy-edit-mm/caption/caption_val_edit.json",
               "VLKEB": "VLKEB/val.json"}

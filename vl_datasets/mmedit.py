@@ -23,9 +23,13 @@ class DatasetSpec:
     image_root: str        # relative to the data dir
     vqa_prompts: bool      # E-VQA style: "{question} The answer is:"; else src/rephrase as is
     synthetic: bool = False
-    # Datasets that ship no validation file: ``val`` is the last ``val_slice`` records of the train
-    # file, and ``train`` leaves them out (unless ``include_val_slice``). 0: ``val`` has its own file.
+    # Datasets that ship no validation file: ``val`` is the last min(val_slice, n // 10) records of
+    # the train file of n records, and ``train`` leaves them out (unless ``include_val_slice``).
+    # 0: ``val`` has its own file.
     val_slice: int = 0
+
+    def val_slice_size(self, n_train_file: int) -> int:
+        return min(self.val_slice, n_train_file // 10)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -82,10 +86,11 @@ def load_records(spec: DatasetSpec, data_dir, split: str, limit: int | None = No
     if not isinstance(raw, list):
         raise UserError(f"dataset {spec.name}: {path} must hold a JSON list of records")
     if spec.val_slice and split in ("train", "val"):
-        if len(raw) <= spec.val_slice:
-            raise UserError(f"dataset {spec.name}: {path} has {len(raw)} records; its last {spec.val_slice} "
-                            f"are the val split, so it needs more")
-        cut = len(raw) - spec.val_slice
+        n_val = spec.val_slice_size(len(raw))
+        if split == "val" and n_val == 0:
+            raise UserError(f"dataset {spec.name}: {path} has {len(raw)} records, too few for a val slice "
+                            f"(its last 10%, at most {spec.val_slice})")
+        cut = len(raw) - n_val
         raw = raw[cut:] if split == "val" else (raw if include_val_slice else raw[:cut])
     if limit is not None:
         if limit <= 0:

@@ -76,10 +76,29 @@ class LiveEditConfig:
     scale: float         # experts are scaled by 1 / (scale * sqrt(r))
     train: LiveEditTrain
     loss_weights: LiveEditLossWeights = field(default_factory=LiveEditLossWeights)
-    seed: int = 0        # initialisation of the trainable modules and the training RNG
+    seed: int = 0        # initialisation of the trainable modules (training: replaced by -rs)
+    # The training objective and module details. Defaults: the authors' code (DESIGN section 3,
+    # "routing pairs, as the authors' code draws them"); the other values keep this project's
+    # first objective and modules, for side-by-side measurements.
+    routing_pairs: str = "neighbourhood"   # "neighbourhood": routing contrasts pair two samples of one
+                                           # record's neighbourhood (rel/gen, or its loc sample), the
+                                           # edit-side extractor reads the second; "edit_requests":
+                                           # rel/gen samples against the batch's edit requests only
+    expert_sets: str = "prefix"            # "prefix": own expert(s) + the batch's first n, n ~ U{0..B};
+                                           # "random": own + a random subset (loc: non-empty)
+    attention_out_proj: bool = False       # an output projection after the attention heads
+    sentinel_init: str = "kaiming"         # "kaiming" (std sqrt(2/(n_v d))) or "normal" (std 1)
+    zero_init_v: bool = False              # V's generator output starts at zero (experts add nothing)
 
     def __post_init__(self):
         _check_types(self, "liveedit")
+        for name, allowed in (("routing_pairs", ("neighbourhood", "edit_requests")),
+                              ("expert_sets", ("prefix", "random")), ("sentinel_init", ("kaiming", "normal"))):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"liveedit.{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("attention_out_proj", "zero_init_v"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"liveedit.{name}: expected true or false, got {getattr(self, name)!r}")
         for name in ("d_m", "heads", "rank", "n_queries"):
             if getattr(self, name) < 1:
                 raise UserError(f"liveedit.{name}: expected a positive integer, got {getattr(self, name)}")
@@ -92,4 +111,5 @@ class LiveEditConfig:
 
     def architecture(self) -> dict:
         """What an expert repository depends on (its fingerprint)."""
-        return {k: getattr(self, k) for k in ("edit_layer", "d_m", "heads", "rank", "n_queries", "scale")}
+        return {k: getattr(self, k) for k in ("edit_layer", "d_m", "heads", "rank", "n_queries", "scale",
+                                              "attention_out_proj")}
