@@ -4,6 +4,7 @@ from pathlib import Path
 
 from backbones.base import IGNORE, VLBackbone, VLBatch
 from backbones.blip2 import Blip2Backbone
+from backbones.fingerprint import backbone_fingerprint
 from backbones.llava import LlavaBackbone
 from backbones.minigpt4 import MiniGPT4Backbone
 from utils.GLOBAL import model_aliases, model_path_map
@@ -31,16 +32,26 @@ def resolve_backbone_name(name: str) -> str:
     return full
 
 
-def load_backbone(name: str, device: str = "cpu", model_path=None, dtype=None) -> VLBackbone:
-    """Load backbone ``name`` from ``model_path`` or its entry in ``model_path_map``. A tiny backbone
-    that is not on disk yet (or, at its default path, was built from another pretraining corpus or an
-    older recipe) is pretrained on the synthetic world first, then cached."""
+def backbone_path(name: str, model_path=None) -> Path:
+    """The weights folder of backbone ``name``: ``model_path`` or its entry in ``model_path_map``. A
+    tiny backbone that is not on disk yet (or, at its default path, was built from another pretraining
+    corpus or an older recipe) is pretrained on the synthetic world first, then cached."""
     full = resolve_backbone_name(name)
     path = Path(model_path) if model_path else Path(model_path_map[full])
     if full in TINY_BACKBONES and (model_path is None or not (path / "config.json").is_file()):
         from synthetic.pretrain import ensure_tiny_backbone
         ensure_tiny_backbone(full, path)
-    return BACKBONES.get(full).load(full, path, device=device, dtype=dtype)
+    return path
 
 
-__all__ = ["BACKBONES", "IGNORE", "VLBackbone", "VLBatch", "load_backbone", "resolve_backbone_name"]
+def load_backbone(name: str, device: str = "cpu", model_path=None, dtype=None) -> VLBackbone:
+    """Load backbone ``name`` (see ``backbone_path``); ``.fingerprint`` identifies its weights."""
+    full = resolve_backbone_name(name)
+    path = backbone_path(full, model_path)
+    backbone = BACKBONES.get(full).load(full, path, device=device, dtype=dtype)
+    backbone.fingerprint = backbone_fingerprint(path)
+    return backbone
+
+
+__all__ = ["BACKBONES", "IGNORE", "VLBackbone", "VLBatch", "backbone_fingerprint", "backbone_path", "load_backbone",
+           "resolve_backbone_name"]

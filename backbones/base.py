@@ -64,6 +64,7 @@ class VLBackbone:
 
     family = "base"
     image_token = "<image>"
+    fingerprint = None   # digest of the weights (backbones/fingerprint.py), set by load_backbone
 
     def __init__(self, name: str, model, processor, stack: DecoderStack, n_vision_tokens: int):
         self.name = name

@@ -147,6 +147,11 @@ def check_checkpoint(path, editor: str, backbone: str) -> Path:
 
 def load_checkpoint(editor_obj, weights: Path) -> None:
     """Load the trained weights of a checked checkpoint (see :func:`check_checkpoint`) into an editor."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from backbones.fingerprint import check_same_backbone
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+    check_same_backbone(f"checkpoint {weights}", meta.get("backbone_fingerprint"), editor_obj.backbone.fingerprint)
     editor_obj.load_trainable_state_dict(load_file(str(weights), device="cpu"))

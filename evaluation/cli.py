@@ -89,7 +89,7 @@ def supports_state(editor_cls) -> bool:
 
 def main(argv=None) -> dict:
     """Run the evaluation; returns ``{"run_dir", "means", "resumed", "already_finished"}``."""
-    from backbones import load_backbone, resolve_backbone_name
+    from backbones import backbone_fingerprint, backbone_path, load_backbone, resolve_backbone_name
     from editors import EDITORS
     from evaluation.checkpoints import check_checkpoint, load_checkpoint, saved_editor_config
     from evaluation.protocol import check_saved_states, plan_chunks, plan_points, run_protocol
@@ -160,8 +160,10 @@ def main(argv=None) -> dict:
         import random
         random.Random(args.seed).shuffle(order)
     records = [records[i] for i in order]
+    # the backbone's build (tiny ones are built here if needed): its fingerprint is part of the run
+    fingerprint = backbone_fingerprint(backbone_path(backbone_name, args.model_path))
     if args.load_edited_state:
-        check_saved_states(Path(args.load_edited_state), stages, records, args.editor_name, backbone_name)
+        check_saved_states(Path(args.load_edited_state), stages, records, args.editor_name, backbone_name, fingerprint)
 
     records_dir = Path(args.records_dir) if args.records_dir else RECORDS_DIR
     store = RunStore(run_folder(records_dir, args.editor_name, backbone_name, spec.name,
@@ -171,6 +173,7 @@ def main(argv=None) -> dict:
                 "sequential_edit_n": T, "eval_at": points, "data_sample_n": args.data_sample_n,
                 "n_records": n, "shuffle": args.shuffle, "seed": args.seed,
                 "checkpoint": absolute(weights), "model_path": absolute(args.model_path),
+                "backbone_fingerprint": fingerprint,
                 "data_dir": absolute(data_dir), "data_fingerprint": data_fingerprint(records),
                 "load_edited_state": absolute(args.load_edited_state), "editor_config": to_dict(config)}
 

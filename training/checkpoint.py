@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from backbones.fingerprint import check_same_backbone
 from utils.errors import UserError
 from utils.io import write_yaml
 
@@ -111,5 +112,6 @@ def load_trained_weights(editor, ckpt_path) -> dict:
                         f"but this run uses editor {want[0]!r} on backbone {want[1]!r}")
     if not getattr(editor, "trainable", False):
         raise UserError(f"editor {editor.name!r} is not trainable; it takes no -ckpt")
+    check_same_backbone(f"checkpoint {ckpt}", meta.get("backbone_fingerprint"), editor.backbone.fingerprint)
     editor.load_trainable_state_dict(load_file(str(ckpt / WEIGHTS_FILE), device="cpu"))
     return meta

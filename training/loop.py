@@ -258,11 +258,13 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
 
     run_config = {
         "editor": editor.name, "backbone": backbone_name, "dataset": dataset, "run": run_dir.name,
+        "backbone_fingerprint": backbone.fingerprint,
         "world_size": world, "mixed_precision": accelerator.mixed_precision,
         "resumed_from": str(resume_ckpt) if resume_ckpt else None,
         "editor_config": to_dict(config), "args": to_dict(opts),
     }
-    metadata = {"editor": editor.name, "backbone": backbone_name, "dataset": dataset, "run": run_dir.name}
+    metadata = {"editor": editor.name, "backbone": backbone_name, "dataset": dataset, "run": run_dir.name,
+                "backbone_fingerprint": str(backbone.fingerprint)}
     log_path = run_dir / "logs" / "train.jsonl"
     if main:
         write_yaml(run_dir / "config.yaml", run_config)
