@@ -169,6 +169,18 @@ class VLBackbone:
         pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
         return self.collate(samples, rows, pixels)
 
+    def encode_continuations(self, samples: Sequence[Sample], continuations: Sequence[Sequence[int]]) -> VLBatch:
+        """Each sample's generation context (what ``generate`` starts from) followed by the given
+        token ids as its target: teacher forcing on it tells whether greedy decoding would produce
+        exactly those tokens."""
+        rows = []
+        for s, cont in zip(samples, continuations):
+            ctx, n = self.tokenize(s.prompt, s.image is not None, None)
+            rows.append((tuple(ctx) + tuple(cont), n))
+        paths = [s.image for s in samples if s.image is not None]
+        pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
+        return self.collate(samples, rows, pixels)
+
     def collate(self, samples: Sequence[Sample], rows, pixel_values=None, image_features=None) -> VLBatch:
         """Pad tokenized ``rows`` (from ``tokenize``) into a batch and insert the image features of
         ``pixel_values`` (one image per sample that has one, in order), or ``image_features`` given

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from backbones.fingerprint import check_same_backbone
 from evaluation.results import RunStore, summarise
-from evaluation.scoring import METRICS, run_samples, sample_scores
+from evaluation.scoring import LOCALITY, METRICS, run_samples, sample_scores
 from utils.errors import UserError
 from utils.io import read_json, write_json
 
@@ -81,9 +81,12 @@ def _samples(records, positions):
     return [(p, m, records[p].samples()[m]) for m in METRICS for p in positions]
 
 
-def _outputs(editor, records, positions, batch_size, progress) -> dict:
+def _outputs(editor, records, positions, batch_size, progress, pre: dict | None = None) -> dict:
+    """Outputs of the samples of ``positions``; with ``pre`` (the unedited outputs), a locality
+    sample's generation is first checked against its unedited generation (see ``run_samples``)."""
     items = _samples(records, positions)
-    outs = run_samples(editor, [s for _, _, s in items], batch_size, progress)
+    expected = None if pre is None else [pre[(p, m)].gen if m in LOCALITY else None for p, m, _ in items]
+    outs = run_samples(editor, [s for _, _, s in items], batch_size, progress, expected)
     return {(p, m): o for (p, m, _), o in zip(items, outs)}
 
 
@@ -144,7 +147,7 @@ def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch
                     "editor": editor.name, "backbone": editor.backbone.name,
                     "backbone_fingerprint": editor.backbone.fingerprint, "stage": s.name,
                     "record_indices": [records[p].index for p in edited], "edit_times": [times[p] for p in edited]})
-            post = _outputs(editor, records, s.test_positions, batch_size, progress)
+            post = _outputs(editor, records, s.test_positions, batch_size, progress, pre)
             entries = [_record_entry(editor, records[p], p, times.get(p), pre, post) for p in s.test_positions]
             stream_times = [times[p] for p in edited]
             result = {"name": s.name, "index": s.index, "n_edits": len(edited),
