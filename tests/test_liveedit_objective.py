@@ -121,3 +121,24 @@ def test_random_seed_flag_seeds_the_initialisation(tiny_dirs, tmp_path):
         assert saved["editor_config"]["seed"] == seed
         weights.append(res.editor.trainable_state_dict())
     assert not torch.allclose(weights[0]["gen_u.queries"], weights[1]["gen_u.queries"], atol=1e-3)
+
+
+def test_routing_stats_count_kept_experts_and_leaks(load_tiny, images):
+    """scripts/routing_stats.py: with hard filtering forced to keep every expert, every query keeps
+    all n experts, its own among them, and every unrelated image leaks."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import routing_stats
+    from test_liveedit import force_routing
+    ed = LiveEdit(load_tiny("blip2"), config())
+    force_routing(ed, keep=True)
+    recs = records(images, 3)
+    ed.edit_batch([r.edit for r in recs])
+    stats = routing_stats.point_stats(ed, recs)
+    assert stats["n_edits"] == 3
+    assert stats["Rel"]["kept_mean"] == 3 and stats["Rel"]["own_kept"] == 1.0
+    assert stats["M-Loc"]["any_kept"] == 1.0
+    force_routing(ed, keep=False)
+    ed.restore()
+    ed.edit_batch([r.edit for r in recs])
+    none = routing_stats.point_stats(ed, recs)
+    assert none["Rel"]["kept_mean"] == 0 and none["M-Loc"]["any_kept"] == 0.0
