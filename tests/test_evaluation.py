@@ -330,3 +330,14 @@ def test_verified_generations_equal_step_by_step_decoding(load_tiny, data_dir, i
         assert any(o.gen != o.target for o in got) and any(o.gen == o.target for o in got)  # both paths ran
     finally:
         ed.restore()
+
+
+def test_val_split_names_the_run_folder(tiny_dirs, tmp_path):
+    """--split val evaluates the val records (for a real dataset: the last 10% of its train file) in
+    a run folder of its own."""
+    data = write_evqa(tmp_path / "data", n=20)
+    out = main(argv(tiny_dirs, data, tmp_path / "rec", "--split", "val"))
+    assert out["run_dir"] == tmp_path / "rec" / "none" / "tiny-blip2" / "val" / "EVQA" / "sequential_edit_2"
+    assert out["means"]["total"]["n_records"] == 2
+    with pytest.raises(UserError, match="too few for a val slice"):
+        main(argv(tiny_dirs, write_evqa(tmp_path / "small", n=5), tmp_path / "rec2", "--split", "val"))
