@@ -48,7 +48,7 @@ def write_config(path: Path, dropout=0.1, random_rephrase=True, cut=CUT, max_ste
 def train_args(tiny_dirs, evqa_dir, records, config, *extra):
     return ["-en", "dummy-residual", "-mn", "tiny-blip2", "--model_path", str(tiny_dirs["blip2"]),
             "-dna", "EVQA", "--data_dir", str(evqa_dir), "-bs", str(BS), "--config", str(config),
-            "--records_dir", str(records), "-rs", "1", *map(str, extra)]
+            "--records_dir", str(records), "-rs", "1", "--include_val_slice", *map(str, extra)]
 
 
 def log_entries(run_dir: Path):

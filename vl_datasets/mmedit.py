@@ -81,7 +81,8 @@ def load_records(spec: DatasetSpec, data_dir, split: str, limit: int | None = No
         raise UserError(f"dataset {spec.name}: {path} is not valid JSON ({e})") from None
     if not isinstance(raw, list):
         raise UserError(f"dataset {spec.name}: {path} must hold a JSON list of records")
-    if spec.val_slice and split in ("train", "val"):
+    # ``train`` with ``include_val_slice`` reads the whole file, so a small one needs no slice.
+    if spec.val_slice and (split == "val" or (split == "train" and not include_val_slice)):
         if len(raw) <= spec.val_slice:
             raise UserError(f"dataset {spec.name}: {path} has {len(raw)} records; its last {spec.val_slice} "
                             f"are the val split, so it needs more")
