@@ -8,13 +8,8 @@ Writes ``records/<editor>/<backbone>/<dataset>/<run>/{config.yaml, checkpoints/s
 and prints the final checkpoint, ready for ``python test_vllm_edit.py -ckpt PATH``. See
 ``training/README.md``.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from training.options import build_parser, resolve_options  # noqa: E402
-from utils.errors import cli_main  # noqa: E402
+from training.options import build_parser, resolve_options
+from utils.errors import cli_main
 
 
 @cli_main

@@ -1,7 +1,7 @@
 """Training speed of an editor through the shared training loop: steps per second.
 
-    python scripts/bench_training.py                      # liveedit on tiny-blip2, SYNTH-EVQA, bs 8
-    python scripts/bench_training.py -en liveedit -mn tiny-llava -bs 4 --steps 50
+    python -m scripts.bench_training                      # liveedit on tiny-blip2, SYNTH-EVQA, bs 8
+    python -m scripts.bench_training -en liveedit -mn tiny-llava -bs 4 --steps 50
 
 Runs ``--warmup`` + ``--steps`` real training steps (``training.loop.train``, the code
 ``train_vllm_editor.py`` runs) into a temporary records folder and reports the mean over the steps
@@ -11,16 +11,12 @@ not an error.
 """
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import UserError, cli_main
 
 
 def random_tiny_backbone(full_name: str, records, out: Path) -> Path:

@@ -17,7 +17,7 @@ Inputs (all local, nothing is downloaded):
 
 Usage::
 
-    python scripts/convert_minigpt4.py \\
+    python -m scripts.convert_minigpt4 \\
         --blip2_ckpt  ~/weights/blip2_pretrained_flant5xxl.pth \\
         --minigpt4_ckpt ~/weights/pretrained_minigpt4.pth \\
         --vicuna_dir  ~/weights/vicuna-7b \\
@@ -68,14 +68,9 @@ import math
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import UserError, cli_main
 
 IMAGE_TOKEN = "<image>"
 # Normalisation of BLIP-2's EVA ViT (Blip2ImageEvalProcessor): the OpenAI CLIP statistics.

@@ -1,7 +1,7 @@
 """How well each decoder layer's output at the edit target's position tells which target it is.
 
-    python scripts/probe_target_identity.py                          # tiny-blip2, SYNTH-EVQA
-    python scripts/probe_target_identity.py -mn tiny-llava --layers 2,4
+    python -m scripts.probe_target_identity                          # tiny-blip2, SYNTH-EVQA
+    python -m scripts.probe_target_identity -mn tiny-llava --layers 2,4
 
 LiveEdit's expert generator reads an edit's target from ``H_o``, the layer-``l_e`` states at the
 target positions (DESIGN section 3): if a backbone has overwritten the token there, no expert can
@@ -12,16 +12,11 @@ tiny OPT decoder pretrained on answers only kept 78% at layer 4 (tiny-llava: 99.
 next-token loss on the prompt text (pretraining recipe 2) 97%.
 """
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import UserError, cli_main
 
 
 @torch.no_grad()

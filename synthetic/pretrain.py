@@ -28,18 +28,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer, vision_encoder  # noqa: E402
-from synthetic.world import (FORMAT_VERSION, PRETRAIN_FILES, ensure_world, load_pretrain,  # noqa: E402
+from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer, vision_encoder
+from synthetic.world import (FORMAT_VERSION, PRETRAIN_FILES, ensure_world, load_pretrain,
                              read_manifest, text_corpus)
-from utils.GLOBAL import SYNTHETIC_DIR, model_path_map  # noqa: E402
-from utils.errors import UserError, cli_main  # noqa: E402
-from utils.io import write_json  # noqa: E402
-from utils.losses import IGNORE, token_accuracy  # noqa: E402
-from vl_datasets.records import Sample, open_image  # noqa: E402
+from utils.GLOBAL import SYNTHETIC_DIR, model_path_map
+from utils.errors import UserError, cli_main
+from utils.io import write_json
+from utils.losses import IGNORE, token_accuracy
+from vl_datasets.records import Sample, open_image
 
 TINY_FAMILIES = {"tiny-blip2": "blip2", "tiny-llava": "llava", "tiny-minigpt4": "minigpt4"}
 REPORT = "pretrain_report.json"
