@@ -17,7 +17,6 @@ weights; ``--model_path`` loads a backbone folder instead and ``--checkpoint`` t
 Beyond the few real edits, the repository is filled with random experts of the same scale (cheap to
 make; an unrelated edit's expert), so how many are kept depends on the editor's weights.
 """
-import argparse
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ from backbones import BACKBONES, load_backbone
 from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer
 from editors.liveedit import LiveEdit, LiveEditConfig
 from utils.config import load_config
-from utils.errors import cli_main
+from utils.errors import CliParser, cli_main
 from vl_datasets.records import Sample
 
 FAMILY_BACKBONE = {"blip2": "tiny-blip2", "llava": "tiny-llava", "minigpt4": "tiny-minigpt4"}
@@ -99,7 +98,7 @@ def one_append_time(editor: LiveEdit, like: dict, gen: torch.Generator) -> float
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = CliParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", choices=sorted(FAMILY_BACKBONE), default="blip2",
                     help="tiny random backbone to build (ignored with --model_path)")
     ap.add_argument("--backbone", default=None, help="backbone name for --model_path (e.g. tiny-llava)")

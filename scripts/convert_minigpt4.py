@@ -70,7 +70,7 @@ import re
 import shutil
 from pathlib import Path
 
-from utils.errors import UserError, cli_main
+from utils.errors import CliParser, UserError, cli_main
 
 IMAGE_TOKEN = "<image>"
 # Normalisation of BLIP-2's EVA ViT (Blip2ImageEvalProcessor): the OpenAI CLIP statistics.
@@ -364,7 +364,7 @@ def count(model, prefix) -> int:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = CliParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blip2_ckpt", required=True, type=Path, help="LAVIS BLIP-2 checkpoint (.pth / .safetensors)")
     ap.add_argument("--minigpt4_ckpt", required=True, type=Path, help="MiniGPT-4 checkpoint holding llama_proj")

@@ -11,12 +11,11 @@ string, and reports its accuracy on the eval split, per layer. Measured on the t
 tiny OPT decoder pretrained on answers only kept 78% at layer 4 (tiny-llava: 99.8%); with the
 next-token loss on the prompt text (pretraining recipe 2) 97%.
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError, cli_main
+from utils.errors import CliParser, UserError, cli_main
 
 
 @torch.no_grad()
@@ -49,7 +48,7 @@ def probe_accuracy(x_train, y_train, x_eval, y_eval, n_classes: int, steps: int 
 
 @cli_main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CliParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-mn", "--edit_model_name", default="tiny-blip2")
     p.add_argument("-dn", "--data_name", default="SYNTH-EVQA")
     p.add_argument("--layers", help="comma-separated decoder layers (default: all)")
@@ -60,8 +59,10 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     from backbones import load_backbone
+    from synthetic.embedded import prepare_backbone, prepare_dataset
     from vl_datasets import load_dataset
-    backbone = load_backbone(a.edit_model_name, a.device, a.model_path)
+    prepare_dataset(a.data_name)
+    backbone = load_backbone(a.edit_model_name, a.device, prepare_backbone(a.edit_model_name, a.model_path))
     try:
         layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(backbone.num_layers))
     except ValueError:

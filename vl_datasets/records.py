@@ -39,5 +39,19 @@ def open_image(path: str) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"image file missing: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises all of these
         raise UserError(f"image unreadable: {path} ({e})") from None
+
+
+def check_images(records, workers: int = 4) -> None:
+    """Open and decode every distinct image of ``records`` once: the first bad one is a UserError
+    naming it (images are opened lazily during a run, which would be too late)."""
+    paths = sorted({s.image for r in records for s in r.samples().values() if s is not None and s.image})
+    if len(paths) < 64:
+        for p in paths:
+            open_image(p)
+        return
+    from concurrent.futures import ThreadPoolExecutor   # PIL decodes without the GIL
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(open_image, paths):
+            pass
