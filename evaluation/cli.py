@@ -11,8 +11,11 @@ from pathlib import Path
 
 import torch
 
+from utils.GLOBAL import DATA_DIR, RECORDS_DIR
 from utils.devices import check_available, default_device, parse_device
 from utils.errors import CliParser, UserError
+from utils.locks import claim_folder
+from utils.paths import check_folder_name, check_writable_root
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,19 +92,6 @@ def main(argv=None) -> dict:
     saved states, the model folder, an existing run in the run folder), then the run folder is claimed
     (created and locked: a second process is refused), then the backbone is loaded and the run starts
     or resumes. A run that fails before its first stage finished leaves nothing behind."""
-    from backbones import load_backbone, resolve_backbone_name
-    from backbones.loading import check_model_folder
-    from editors import EDITORS
-    from evaluation.checkpoints import check_checkpoint, load_checkpoint, saved_editor_config
-    from evaluation.protocol import check_saved_states, plan_chunks, plan_points, run_protocol
-    from evaluation.results import RunStore, finalise, markdown_table, write_table
-    from synthetic.embedded import prepare_backbone, prepare_dataset
-    from utils.GLOBAL import DATA_DIR, RECORDS_DIR
-    from utils.config import config_path, from_dict, load_config, to_dict
-    from utils.locks import claim_folder
-    from utils.paths import check_folder_name, check_writable_root
-    from vl_datasets import get_dataset_spec, load_dataset
-
     args = build_parser().parse_args(argv)
     _positive(args.sequential_edit_n, "-sen/--sequential_edit_n")
     _positive(args.data_sample_n, "-dsn/--data_sample_n")
@@ -121,6 +111,17 @@ def main(argv=None) -> dict:
     if args.save_edited_state:
         check_writable_root(args.save_edited_state, "--save_edited_state")
     notes = []   # printed once every check has passed, so that bad input gives exactly one line
+
+    # the heavy imports (transformers, ...) only once the flags are known to be good
+    from backbones import load_backbone, resolve_backbone_name
+    from backbones.loading import check_model_folder
+    from editors import EDITORS
+    from evaluation.checkpoints import check_checkpoint, load_checkpoint, saved_editor_config
+    from evaluation.protocol import check_saved_states, plan_chunks, plan_points, run_protocol
+    from evaluation.results import RunStore, finalise, markdown_table, write_table
+    from synthetic.embedded import prepare_backbone, prepare_dataset
+    from utils.config import config_path, from_dict, load_config, to_dict
+    from vl_datasets import get_dataset_spec, load_dataset
 
     # ---- names, config, checkpoint, data: all checked before anything is loaded or written ----
     editor_cls = EDITORS.get(args.editor_name)
@@ -186,19 +187,19 @@ def main(argv=None) -> dict:
                 "load_edited_state": absolute(args.load_edited_state), "editor_config": to_dict(config)}
 
     # ---- an existing run in the folder: report it, or refuse (reading only; again under the lock) ----
-    if not args.overwrite and _existing_run(store, identity) == "finished":
+    if not args.overwrite and _existing_run(store, identity, stages) == "finished":
         return _report_finished(store, markdown_table)
 
     # ---- claim the folder, load, then write ----------------------------------------------------
-    for line in notes:
-        print(line, file=sys.stderr)
     lock = claim_folder(store.dir, "evaluation run folder")
     produced = False
+    for line in notes:   # the folder is ours now: nothing below is a refusal of the input
+        print(line, file=sys.stderr)
     try:
         if args.overwrite:
             lock.clear()
         else:
-            state = _existing_run(store, identity)
+            state = _existing_run(store, identity, stages)
             if state == "finished":          # another process finished it while we were starting
                 return _report_finished(store, markdown_table)
         resumed = store.has_run()
@@ -248,9 +249,9 @@ def main(argv=None) -> dict:
     return {"run_dir": store.dir, "means": means, "resumed": resumed, "already_finished": False}
 
 
-def _existing_run(store, identity: dict) -> str | None:
+def _existing_run(store, identity: dict, stages) -> str | None:
     """``"finished"`` / ``"unfinished"`` for a run with the same identity in the folder, None for no
-    run; a run with other arguments is a UserError naming what differs."""
+    run; a run with other arguments, or an unreadable file of it, is a UserError naming the problem."""
     from evaluation.results import differences
     if not store.has_run():
         return None
@@ -259,6 +260,10 @@ def _existing_run(store, identity: dict) -> str | None:
     if diff:
         raise UserError(f"{store.dir} holds a {state} run with other arguments ({'; '.join(diff)}); "
                         f"rerun with its arguments, pick another folder with -enp, or pass --overwrite")
+    if state == "finished":
+        store.means()
+    else:
+        store.done_stages([s.name for s in stages])   # a damaged stage file is found before anything is written
     return state
 
 

@@ -65,12 +65,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 
 from utils.errors import CliParser, UserError, cli_main
+from utils.io import atomic_dir
 
 IMAGE_TOKEN = "<image>"
 # Normalisation of BLIP-2's EVA ViT (Blip2ImageEvalProcessor): the OpenAI CLIP statistics.
@@ -446,22 +445,9 @@ def main(argv=None):
                                             image_mean=list(EVA_MEAN), image_std=list(EVA_STD))
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=n_query)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:   # out holds the old folder or the complete new one, never a partial one
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        elif old.exists():
-            old.unlink()
 
     total = count(model, "")
     lines = [

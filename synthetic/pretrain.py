@@ -32,7 +32,7 @@ from synthetic.world import (FORMAT_VERSION, PRETRAIN_FILES, ensure_world, load_
 from utils.GLOBAL import SYNTHETIC_DIR, model_path_map
 from utils.errors import CliParser, UserError, cli_main
 from utils.io import atomic_dir, remove_temporaries, write_json
-from utils.locks import build_lock
+from utils.locks import build_once
 from utils.losses import IGNORE, token_accuracy
 from vl_datasets.records import Sample, open_image
 
@@ -318,15 +318,17 @@ def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:
     default world and recipe (one built from another pretraining corpus or an older recipe is
     rebuilt). A folder without a pretraining report (e.g. a user's own weights) is used as it is."""
     path = Path(path) if path else Path(model_path_map[name])
-    # One builder at a time: the other processes of a launch wait here and then find it built.
-    with build_lock(path, f"tiny backbone {name}"):
+
+    def build():
         reason = _rebuild_reason(path)
-        if reason:
-            remove_temporaries(path.parent, path.name)   # left by a build that was killed
-            print(f"{name} {reason}: pretraining it on the synthetic world (once, a few minutes)", file=sys.stderr)
-            report = pretrain_tiny(name, path, progress=progress)
-            print(f"{name}: saved to {path}; held-out token accuracy {report['heldout_token_accuracy']}",
-                  file=sys.stderr)
+        remove_temporaries(path.parent, path.name)   # left by a build that was killed
+        print(f"{name} {reason}: pretraining it on the synthetic world (once, a few minutes)", file=sys.stderr)
+        report = pretrain_tiny(name, path, progress=progress)
+        print(f"{name}: saved to {path}; held-out token accuracy {report['heldout_token_accuracy']}",
+              file=sys.stderr)
+
+    # One builder at a time: the other processes of a launch wait here and then find it built.
+    build_once(path, lambda: _rebuild_reason(path) is None, build, f"tiny backbone {name}")
     return path
 
 

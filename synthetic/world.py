@@ -145,7 +145,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from utils.io import atomic_dir, remove_temporaries
-from utils.locks import build_lock
+from utils.locks import build_lock, build_once
 
 try:  # tqdm is optional: progress output only
     from tqdm import tqdm as _tqdm
@@ -1124,14 +1124,11 @@ def ensure_world(out_dir: os.PathLike | str, seed: int = 0, workers: int = 2,
     config = WorldConfig(seed=seed, **sizes)
     config.validate()
     out = Path(out_dir).absolute()
-    if is_complete(out, config):
-        return out
     # The processes of a multi-process launch all get here on a fresh clone: the first generates,
-    # the others wait for the lock and then find the world complete.
-    with build_lock(out, f"the synthetic world in {out}"):
-        if is_complete(out, config):
-            return out
-        return _generate_locked(out, config, workers, progress)
+    # the others wait for it and then find the world complete.
+    build_once(out, lambda: is_complete(out, config), lambda: _generate_locked(out, config, workers, progress),
+               f"the synthetic world in {out}")
+    return out
 
 
 def load_dataset(out_dir: os.PathLike | str, name: str) -> tuple[list[dict], Path]:

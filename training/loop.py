@@ -164,14 +164,18 @@ def _claim_resumed_run(run_dir: Path, ckpt: Path, resume_latest: bool) -> RunLoc
                 raise UserError(f"run {run_dir} moved on to {latest.name if latest else 'no checkpoint'} while this "
                                 f"resume was starting (another process held it); run the command again")
         elif not checkpoint_agrees(ckpt):
-            latest = latest_checkpoint(run_dir)
-            raise UserError(f"checkpoint {ckpt} no longer agrees with {runlog.log_path(run_dir)}: the run was resumed "
-                            f"from an earlier checkpoint and its steps were logged again; resume from "
-                            f"{latest or 'an earlier checkpoint'} or from the run folder (its latest agreeing checkpoint)")
+            raise _disagreeing(ckpt, run_dir)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def _disagreeing(ckpt: Path, run_dir: Path) -> UserError:
+    latest = latest_checkpoint(run_dir)
+    return UserError(f"checkpoint {ckpt} no longer agrees with {runlog.log_path(run_dir)}: the run was resumed "
+                     f"from an earlier checkpoint and its steps were logged again; resume from "
+                     f"{latest or 'an earlier checkpoint'} or from the run folder (its latest agreeing checkpoint)")
 
 
 def _on_main(accelerator, world: int, fn, share=lambda result: None):
@@ -250,9 +254,9 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
         state = load_training_state(resume_ckpt)   # a truncated or corrupt state fails here, before any write
         if resume_ckpt.name != f"step_{state['step']}":
             raise UserError(f"checkpoint {resume_ckpt}: its training state is of step {state['step']}")
+        if not resume_latest and not checkpoint_agrees(resume_ckpt):
+            raise _disagreeing(resume_ckpt, root)
     model_path = check_model_folder(prepare_backbone(backbone_name, opts.model_path))
-    for line in notes:
-        accelerator.print(f"note: {line}", file=sys.stderr)
     note = lambda msg: accelerator.print(f"note: {msg}", file=sys.stderr)
 
     # -- the run folder: claimed by the main process, locked for the whole run
@@ -263,6 +267,8 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
         lock, name = _on_main(accelerator, world, lambda: _claim_new_run(root, opts.train_name_prefix),
                               share=lambda claimed: claimed.folder.name)
         run_dir = root / name
+    for line in notes:   # the run is ours now: nothing below is a refusal of the input
+        note(line)
     try:
         return _train_in(opts, accelerator, editor_cls, config, tcfg, records, backbone_name, dataset,
                          model_path, resume_ckpt, state, run_dir, announce, note)

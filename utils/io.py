@@ -38,18 +38,31 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def _honour_umask(root: Path) -> None:
+    """Give ``root`` (a file, or a folder and everything in it) the modes the umask asks for: some
+    writers (safetensors) create their files 0600 whatever the umask."""
+    fmode, dmode = file_mode(), dir_mode()
+    if root.is_dir():
+        os.chmod(root, dmode)
+        for folder, dirs, files in os.walk(root):
+            for d in dirs:
+                os.chmod(os.path.join(folder, d), dmode)
+            for f in files:
+                os.chmod(os.path.join(folder, f), fmode)
+    else:
+        os.chmod(root, fmode)
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, file_mode())
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         yield Path(tmp)
+        _honour_umask(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -66,8 +79,8 @@ def atomic_dir(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = None
     try:
-        os.chmod(tmp, dir_mode())
         yield tmp
+        _honour_umask(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)

@@ -8,8 +8,8 @@ or is killed, so a crash never leaves a lock held).
 - ``claim_folder(folder)``: create a run folder (and its missing parents) and lock it; ``new=True``
   creates it exclusively (two runs never share a name). ``lock.discard()`` removes what the claim
   created, for a run that failed before it produced anything.
-- ``build_lock(target)``: waits while another process builds the same thing (the synthetic world,
-  a tiny backbone), so that only the first one builds and the others find it done.
+- ``build_lock(target)`` / ``build_once(target, is_current, build)``: one process builds a shared
+  thing (the synthetic world, a tiny backbone) while the others wait, then find it done.
 """
 import fcntl
 import json
@@ -222,3 +222,16 @@ def build_lock(target, what: str | None = None):
             pass
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def build_once(target, is_current, build, what: str | None = None) -> bool:
+    """Run ``build()`` unless ``is_current()``; returns whether this call built. Concurrent callers
+    (the processes of a multi-process launch on a fresh clone) build once: the first holds the lock
+    while building, the others wait for it and then find ``target`` current."""
+    if is_current():
+        return False
+    with build_lock(target, what):
+        if is_current():
+            return False
+        build()
+        return True
