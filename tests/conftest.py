@@ -59,3 +59,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def dummy_editors():
+    """The test editors of tests/dummy_editor.py, registered for one module
+    (``pytestmark = pytest.mark.usefixtures("dummy_editors")``)."""
+    import dummy_editor
+    names = dummy_editor.register()
+    yield names
+    dummy_editor.unregister()

@@ -26,11 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 N_RECORDS, BS, STEPS, CUT = 7, 3, 6, 3   # 3 batches per epoch (3, 3, 1): steps 4-6 are epoch 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def test_editors():
-    names = dummy_editor.register()
-    yield names
-    dummy_editor.unregister()
+pytestmark = pytest.mark.usefixtures("dummy_editors")
 
 
 @pytest.fixture(scope="module")
