@@ -103,7 +103,9 @@ def _record_entry(editor, record, position, edit_time, pre: dict, post: dict) ->
 
 def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch_size: int,
                  load_dir=None, save_dir=None, progress=None) -> list[dict]:
-    """Run (or finish) ``stages``; returns every stage's result in order. ``records`` are in run order."""
+    """Run (or finish) ``stages``; returns every stage's result in order. ``records`` are in run order.
+    The editor is put in evaluation mode first (no dropout or other train-time randomness)."""
+    editor.eval()
     done = store.done_stages([s.name for s in stages])
     streams: dict[int, list[Stage]] = {}
     for s in stages:

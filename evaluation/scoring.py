@@ -35,12 +35,14 @@ class Outputs:
     gen: list[int]     # greedy generation, at most len(target) tokens (shorter after EOS)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_samples(editor, samples: Sequence[Sample], batch_size: int, progress=None,
                 expected: Sequence[list[int] | None] | None = None) -> list[Outputs]:
-    """Teacher-forced predictions and greedy generations of ``samples`` through ``editor``, in batches.
-    Each sample's outputs do not depend on the other samples of its batch (right padding, causal
-    attention), so any batch size gives the same results as batch size 1.
+    """Teacher-forced predictions and greedy generations of ``samples`` through ``editor``, in batches
+    (under inference mode: scoring never needs autograd; edits run outside it). Each sample's outputs
+    do not depend on the other samples of its batch (right padding, causal attention): any batch size
+    gives the same argmax decisions as batch size 1, up to float rounding, which differs between
+    batch shapes by about 1e-6 and could only flip an exact near-tie (see the README).
 
     Greedy decoding produces a token sequence c exactly when the teacher-forced argmax on the
     generation context followed by c is c at every position (each step sees the same prefix). So a

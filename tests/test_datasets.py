@@ -81,8 +81,12 @@ def test_errors_name_the_problem(tmp_path, images):
     path.write_text(json.dumps(raw[:1]))
     broken = tmp_path / "easy-edit-mm" / "images" / raw[0]["image"]
     broken.write_bytes(b"not an image")
+    # every image is decoded once when the records are loaded, before a run writes anything ...
+    with pytest.raises(UserError, match=r"image unreadable: .*" + broken.name):
+        load_dataset("EVQA", "eval", data_dir=tmp_path)
+    # ... and again when it is used (opened lazily)
     from vl_datasets import open_image
-    record = load_dataset("EVQA", "eval", data_dir=tmp_path)[0]
+    record = load_dataset("EVQA", "eval", data_dir=tmp_path, verify_images=False)[0]
     with pytest.raises(UserError, match=r"image unreadable: .*" + broken.name):
         open_image(record.edit.image)
     path.write_text("{not json")

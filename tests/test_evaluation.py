@@ -272,7 +272,7 @@ def test_checkpoint_is_evaluated_with_its_saved_editor_config(tiny_dirs, data_di
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(trained))
     result = train_vllm_editor.main(["-en", "liveedit", "-mn", "tiny-blip2", "--model_path", str(tiny_dirs["blip2"]),
                                      "-dna", "EVQA", "--data_dir", str(data_dir), "-bs", "2", "-dvc", "cpu",
-                                     "--max_steps", "2", "-rs", "1", "--config", str(tmp_path / "cfg.yaml"),
+                                     "--max_steps", "2", "-rs", "1", "--config", str(tmp_path / "cfg.yaml"), "--include_val_slice",
                                      "--records_dir", str(tmp_path / "train")])
     ckpt = result.final_checkpoint
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())["editor_config"]

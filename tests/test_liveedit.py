@@ -270,7 +270,6 @@ def test_repository_routing_rule():
 # ---- persistence ---------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import sys, torch
-    sys.path.insert(0, {root!r})
     from safetensors.torch import load_file, save_file
     from backbones import BACKBONES
     from editors.liveedit import LiveEdit, LiveEditConfig, LiveEditTrain
@@ -300,11 +299,11 @@ def test_saved_repository_reloads_in_a_new_process(load_tiny, tiny_dirs, images,
     assert not torch.equal(expected, logits_of(LiveEdit(bb, make_config(seed=5)), samples))
     save_file(ed.trainable_state_dict(), str(tmp_path / "weights.safetensors"))
     ed.save_state(tmp_path / "state")
-    script = CHILD.format(root=str(ROOT), model=str(tiny_dirs["blip2"]), cfg=arch,
+    script = CHILD.format(model=str(tiny_dirs["blip2"]), cfg=arch,
                           weights=str(tmp_path / "weights.safetensors"), state=str(tmp_path / "state"),
                           samples=[(s.prompt, s.target, s.image) for s in samples], out=str(tmp_path / "out.st"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["2", "blue"]
     assert torch.equal(load_file(str(tmp_path / "out.st"))["logits"], expected)
@@ -515,8 +514,7 @@ def test_span_masks_follow_the_batch_ranges(load_tiny, images):
 def test_target_identity_probe(load_tiny, images):
     """scripts/probe_target_identity.py: the probe separates separable states, not random labels,
     and reads the states at the target positions of the edit requests."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from probe_target_identity import probe_accuracy, target_states
+    from scripts.probe_target_identity import probe_accuracy, target_states
     g = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 4
     x = torch.randn(200, 16, generator=g) + 8 * torch.eye(16)[y]

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from editors import EDITORS
-from editors.base import BaseEditor
-from evaluation.checkpoints import checkpoint_metadata
+from editors.base import BaseEditor, owner_metadata
 from utils.errors import UserError
 from utils.io import atomic_path
 from utils.losses import masked_nll
@@ -90,7 +89,7 @@ class FTLEditor(BaseEditor):
     def save_state(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        meta = checkpoint_metadata(self.name, self.backbone.name, layer=self.layer_index, n_edits=self.n_edits)
+        meta = owner_metadata(self.name, self.backbone.name, layer=self.layer_index, n_edits=self.n_edits)
         with atomic_path(Path(directory) / STATE_FILE) as tmp:
             save_file({"weight": self.weight.detach().cpu().contiguous()}, str(tmp), metadata=meta)
 
