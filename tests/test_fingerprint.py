@@ -72,5 +72,6 @@ def test_finished_evaluation_is_not_reused_after_the_backbone_changed(tiny_dirs,
     assert test_vllm_edit.main(args)["already_finished"]
     shutil.rmtree(model)
     rebuilt_copy(tiny_dirs["blip2"], model)                  # the same path now holds another build
-    with pytest.raises(UserError, match="backbone_fingerprint"):
+    with pytest.raises(SystemExit) as e:
         test_vllm_edit.main(args)
+    assert e.value.code == 2 and "backbone_fingerprint" in capsys.readouterr().err

@@ -126,9 +126,8 @@ def test_random_seed_flag_seeds_the_initialisation(tiny_dirs, tmp_path):
 def test_routing_stats_count_kept_experts_and_leaks(load_tiny, images):
     """scripts/routing_stats.py: with hard filtering forced to keep every expert, every query keeps
     all n experts, its own among them, and every unrelated image leaks."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import routing_stats
-    from test_liveedit import force_routing
+    from scripts import routing_stats
+    from tests.test_liveedit import force_routing
     ed = LiveEdit(load_tiny("blip2"), config())
     force_routing(ed, keep=True)
     recs = records(images, 3)

@@ -1,7 +1,6 @@
 """scripts/seeds.py: one training and one evaluation per seed, mean ± std over seeds, reuse of
 finished runs, and -rs seeding the trainable initialisation."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,7 @@ import dummy_editor
 from evaluation.seeds import aggregate, mean_std
 from fixtures import write_evqa
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import seeds as seeds_script  # noqa: E402
+from scripts import seeds as seeds_script
 
 
 def test_mean_std():
