@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from backbones.devices import PerDevice, module_device
 from backbones.stacks import DecoderStack
 from vl_datasets.records import Sample, open_image
 
@@ -109,7 +110,8 @@ class VLBackbone:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where batches are built: the input embeddings' device (of a split model: its first one)."""
+        return module_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -188,7 +190,7 @@ class VLBackbone:
             image_features = self.image_features(pixel_values.to(self.device, self.dtype))
         if image_features is not None:
             mask = is_vision.to(embeds.device)[..., None].expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+            embeds = embeds.masked_scatter(mask, image_features.to(embeds.device, embeds.dtype))
         return VLBatch(input_ids, embeds, attention_mask.to(self.device), labels.to(self.device),
                        vision_range.to(self.device), prompt_range.to(self.device),
                        target_range.to(self.device))
@@ -196,13 +198,17 @@ class VLBackbone:
     # ---- running the LLM ----------------------------------------------------------------------
     def _run(self, batch: VLBatch, start: int, stop: int, hidden=None, layer_edits=None):
         """Run decoder layers ``start..stop-1`` from ``hidden`` (the output of layer ``start-1``, or
-        the input embeddings when ``start`` is 0), applying ``layer_edits[i]`` to layer i's output."""
-        h0, kwargs = self.stack.prepare(batch.inputs_embeds, batch.attention_mask)
-        h = h0 if hidden is None else hidden
+        the input embeddings when ``start`` is 0), applying ``layer_edits[i]`` to layer i's output.
+        Each layer runs on its own device (``backbones/devices.py``); ``layer_edits[i]`` gets the
+        hidden state and the batch on layer i's device."""
+        dev = self.device   # where the embeddings (and the stack's position modules) are
+        h0, kwargs = self.stack.prepare(batch.inputs_embeds.to(dev), batch.attention_mask.to(dev))
+        h, kwargs = (h0 if hidden is None else hidden), PerDevice(kwargs)
         for i in range(start, stop):
-            h = self.stack.layers[i](h, **kwargs)
+            dev = module_device(self.stack.layers[i])
+            h = self.stack.layers[i](h.to(dev), **kwargs.on(dev))
             if layer_edits and i in layer_edits:
-                h = layer_edits[i](h, batch)
+                h = layer_edits[i](h, batch.to(h.device))
         return h
 
     def logits(self, batch: VLBatch, layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:
@@ -242,7 +248,8 @@ class VLBackbone:
         embed = self.model.get_input_embeddings()
         for _ in range(max_new_tokens):
             lengths = batch.lengths
-            nxt = self.logits(batch, layer_edits)[rows, lengths - 1].argmax(-1)
+            logits = self.logits(batch, layer_edits)   # on the LM head's device: gather there, bring back
+            nxt = logits[rows.to(logits.device), (lengths - 1).to(logits.device)].argmax(-1).to(self.device)
             for b in alive.nonzero().flatten().tolist():
                 out[b].append(int(nxt[b]))
             alive &= nxt != self.tokenizer.eos_token_id

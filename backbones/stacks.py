@@ -4,6 +4,13 @@ the tests (identical logits)."""
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from backbones.devices import module_device
+
+
+def _into(module, x):
+    """``module(x)`` with ``x`` moved to the module's device first (a split model's head)."""
+    return module(x.to(module_device(module)))
+
 
 class DecoderStack:
     def __init__(self, decoder, lm_head, layer_path_template: str, hidden_size: int):
@@ -36,10 +43,10 @@ class OPTStack(DecoderStack):
     def head(self, hidden):
         d = self.decoder
         if d.final_layer_norm is not None:
-            hidden = d.final_layer_norm(hidden)
+            hidden = _into(d.final_layer_norm, hidden)
         if d.project_out is not None:
-            hidden = d.project_out(hidden)
-        return self.lm_head(hidden)
+            hidden = _into(d.project_out, hidden)
+        return _into(self.lm_head, hidden)
 
 
 class LlamaStack(DecoderStack):
@@ -57,7 +64,7 @@ class LlamaStack(DecoderStack):
                                    position_ids=position_ids)
 
     def head(self, hidden):
-        return self.lm_head(self.decoder.norm(hidden))
+        return _into(self.lm_head, _into(self.decoder.norm, hidden))
 
 
 def stack_for_causal_lm(lm, prefix: str) -> DecoderStack:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones.base import LayerEdit, VLBackbone, VLBatch
+from backbones.devices import module_device
 from editors import EDITORS
 from editors.base import BaseEditor
 from editors.liveedit.config import LOSS_TERMS, LiveEditConfig
@@ -82,9 +83,16 @@ class LiveEdit(BaseEditor):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = LiveEditNet(d, backbone.n_vision_tokens, config)
-        self.net.to(backbone.device).eval()
+        # on the device of the layer whose output it reads (a split model: not the first device)
+        dev = module_device(backbone.layer(self.layer))
+        self.net.to(dev).eval()
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.repository = ExpertRepository(config.n_queries, config.d_m, config.rank, d, device=backbone.device)
+        self.repository = ExpertRepository(config.n_queries, config.d_m, config.rank, d, device=dev)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the trainable modules and the expert repository live: layer l_e's device."""
+        return self.net.ln_x.weight.device
 
     @classmethod
     def from_backbone(cls, backbone: VLBackbone, config_path=None) -> "LiveEdit":
@@ -116,7 +124,7 @@ class LiveEdit(BaseEditor):
             raise UserError(f"LiveEdit edits need an image; request {missing[0].prompt!r} has none")
         batch = self.backbone.encode(requests)
         hidden = self.backbone.hidden_at(batch, self.layer)
-        phi, psi, U, V = self._edit_side(hidden, batch)
+        phi, psi, U, V = self._edit_side(hidden, batch.to(hidden.device))
         self.repository.append(phi, psi, U, V, [{"prompt": r.prompt, "target": r.target, "image": r.image}
                                                 for r in requests])
         self.n_edits += len(requests)
@@ -232,8 +240,8 @@ class LiveEdit(BaseEditor):
         the locality samples that have an image. The frozen model runs once to layer l_e for all of
         them; every loss runs only layers l_e+1.. and the head from those captured states."""
         prepared = records if isinstance(records, TrainingBatch) else self.prepare_training_batch(records)
-        R, n_loc, batch = prepared.n_records, prepared.n_loc, prepared.batch
-        bb, le, dev = self.backbone, self.layer, self.backbone.device
+        bb, le, dev = self.backbone, self.layer, self.device
+        R, n_loc, batch = prepared.n_records, prepared.n_loc, prepared.batch.to(dev)
         n_nb = 3 * R                                            # rows of the edits' neighbourhoods
 
         with torch.no_grad():
@@ -296,7 +304,8 @@ class LiveEdit(BaseEditor):
         else:
             losses["hard_sentinel"] = zero
         weights = self.config.loss_weights
-        return {name: losses[name] * getattr(weights, name) for name in LOSS_TERMS}
+        # on one device (logits, hence rel / gen / loc, sit on the LM head's device)
+        return {name: (losses[name] * getattr(weights, name)).to(dev) for name in LOSS_TERMS}
 
     # ---- edited state across processes ---------------------------------------------------------
     def weights_digest(self) -> str:
