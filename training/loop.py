@@ -39,6 +39,7 @@ from editors import EDITORS
 from training.checkpoint import checkpoint_dir, load_trained_weights, load_training_state, save_checkpoint
 from training.data import BatchOrder, Position, Prefetcher, shard
 from training.options import TrainOptions
+from training.precision import LossScaling
 from utils.GLOBAL import RECORDS_DIR
 from utils.config import from_dict, load_config, to_dict
 from utils.errors import UserError
@@ -213,6 +214,7 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tcfg.lr_cut_step, float(tcfg.lr_cut_factor)))
     optimizer = accelerator.prepare(optimizer)   # the scheduler stays ours: one cut step, any process count
+    scaling = LossScaling(backbone.dtype, backbone.device, accelerator)   # a float16 backbone: scaled loss
     _seed_all(editor, opts.random_seed + rank)
 
     order = BatchOrder(len(records), opts.batch_size, opts.random_seed)
@@ -227,8 +229,8 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
         load_trained_weights(editor, resume_ckpt)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") is not None and scaling.scaler is not None:
+            scaling.scaler.load_state_dict(state["scaler"])
         step, pos, ema = state["step"], Position(**state["position"]), state["ema_loss"]
         if len(state["rng"]) == world:
             set_rng_state(editor, state["rng"][rank])
@@ -264,7 +266,7 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
         if main:
             state = {"step": at_step, "position": {"epoch": pos.epoch, "batch": pos.batch}, "ema_loss": ema,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                     "scaler": scaling.scaler.state_dict() if scaling.scaler is not None else None,
                      "rng": states, "world_size": world, "batches_per_epoch": order.batches_per_epoch}
             save_checkpoint(run_dir, at_step, editor.trainable_state_dict(), {**metadata, "step": at_step},
                             state, run_config)
@@ -306,10 +308,10 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
                 raise RuntimeError(f"editor {opts.editor_name!r} returned loss terms {sorted(terms)}, "
                                    f"earlier {keys}; the set must not change between steps")
             total = sum(terms[k] for k in keys)
-            accelerator.backward(total * weight)
+            scaling.backward(total * weight)
             if world > 1:
                 sum_gradients(params, accelerator)
-            optimizer.step()
+            scaling.step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
