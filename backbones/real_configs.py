@@ -5,7 +5,7 @@ size with them).
 Sources: the Hugging Face ``config.json`` of each checkpoint. Nothing can be downloaded on the machine
 this was written on, so the values below were written from knowledge of those files, not copied
 from a download; ``tests/test_real_size.py`` checks the derived facts (hidden sizes 2560 / 4096, 32 or
-576 vision tokens, 32 decoder layers, parameter counts of 3.87B / 7.06B / 7.83B).
+576 vision tokens, 32 decoder layers, parameter counts of 3.74B / 7.06B / 7.83B).
 
 - BLIP-2 OPT-2.7B: ``Salesforce/blip2-opt-2.7b`` (the revision with ``<image>`` in the vocabulary:
   ``image_token_index`` 50265, text vocabulary padded to 50304; OPT-2.7B itself has 50272). Vision:
@@ -159,7 +159,9 @@ def empty_model(spec: RealSpec, config):
     """The model with its parameters on 'meta' (no memory; buffers such as rotary tables are real)."""
     from accelerate import init_empty_weights
     with init_empty_weights(include_buffers=False):
-        return spec.model_class(config)
+        model = spec.model_class(config)
+    model.tie_weights()      # OPT's LM head is its embedding matrix (built on 'meta', the tie is not made)
+    return model
 
 
 def count_parameters(model) -> int:
@@ -175,16 +177,17 @@ def _keep_fp32(model, name: str) -> bool:
 def _fill(t: torch.Tensor, module, pname: str, seed: int, std: float = 0.02) -> None:
     """Biases 0, norm weights 1, every other weight N(0, std) drawn for a block of ``PERIOD``
     values and repeated (drawing billions of normals costs minutes on a CPU; a prime period keeps
-    the rows of every matrix distinct)."""
+    the rows of every matrix distinct). Drawn on the CPU from ``seed``, so the weights are the same
+    wherever a parameter is placed (a split model and a single-device one give the same logits)."""
     if pname.endswith("bias"):
         t.zero_()
     elif "norm" in type(module).__name__.lower():
         t.fill_(1.0)
     else:
         flat = t.view(-1)
-        g = torch.Generator(device=t.device).manual_seed(seed)
-        block = torch.empty(min(flat.numel(), PERIOD), device=t.device, dtype=torch.float32)
-        block.normal_(0.0, std, generator=g)
+        g = torch.Generator().manual_seed(seed)
+        block = torch.empty(min(flat.numel(), PERIOD), dtype=torch.float32).normal_(0.0, std, generator=g)
+        block = block.to(t.device)
         for s in range(0, flat.numel(), PERIOD):
             n = min(PERIOD, flat.numel() - s)
             flat[s:s + n] = block[:n]

@@ -26,7 +26,8 @@ N - 1 with a note), ``--edit_layer K`` (put every editor's layer at K), ``-dvc c
 (records per training step: 4 samples each), ``--edits``, ``--eval_records`` (edited records whose
 five samples are evaluated; 0: none), ``--eval_batch_size``, ``--json PATH``
 (all figures), ``--save_model DIR`` (write each built model and processor, loadable with
-``--model_path``), ``--threads``. Test shortcut: ``--vision_layers N`` cuts the vision encoder (the
+``--model_path``), ``--fingerprint`` (sums of the logits of two samples: the weights depend only on
+``--seed``, so a ``-dvc auto`` run must match a single-device one), ``--threads``. Test shortcut: ``--vision_layers N`` cuts the vision encoder (the
 default keeps it real).
 
 Memory: on CUDA, torch's allocator peak (summed over devices) per phase; on the CPU, the process's
@@ -361,6 +362,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     p.add_argument("--save_model", default=None, metavar="DIR", help="save each built model under DIR/<name>")
+    p.add_argument("--fingerprint", action="store_true",
+                   help="record a fingerprint of the logits of two samples (compare a split run with a single-device one)")
     p.add_argument("--raise_errors", action="store_true", help="an editor's failure raises (tests)")
     a = p.parse_args(argv)
     for flag in ("train_steps", "batch_size", "edits", "eval_batch_size"):
@@ -442,6 +445,14 @@ def main(argv=None) -> dict:
                   f"{built.parameters / 1e9:.2f}B parameters here ({gib(built.parameter_bytes)} GiB), "
                   f"{built.full_parameters / 1e9:.2f}B at full depth ({gib(built.full_parameter_bytes)} GiB); "
                   f"built in {build_s:.1f} s on {', '.join(entry['devices'])}")
+            if a.fingerprint:      # to compare a split model with a single-device one (same seed: same weights)
+                with torch.no_grad():
+                    lg = bb.logits(bb.encode([records[0].edit, records[1].image_loc])).float()
+                entry["logits_fingerprint"] = {"sum": float(lg.sum()), "abs_mean": float(lg.abs().mean()),
+                                               "last_argmax": lg[:, -1].argmax(-1).tolist(),
+                                               "finite": bool(torch.isfinite(lg).all())}
+                del lg
+                print(f"logits fingerprint: {entry['logits_fingerprint']}")
             if a.save_model:
                 out_dir = Path(a.save_model) / name
                 bb.model.save_pretrained(out_dir)

@@ -132,3 +132,11 @@ def test_the_first_device_is_wrong_for_liveedit(load_tiny, images):
         ed.repository = type(ed.repository)(4, 32, 4, bb.hidden_size, device=bb.device)
         with pytest.raises(DeviceMismatch):
             ed.training_losses(records(images))
+
+
+def test_training_cli_takes_dvc_auto(tiny_dirs, tmp_path, monkeypatch):
+    """train_vllm_editor.py -dvc auto loads the backbone with accelerate's device map (without a GPU:
+    on the CPU) and trains."""
+    from test_precision import train_liveedit
+    result = train_liveedit(tiny_dirs, tmp_path, monkeypatch, "-dvc", "auto")
+    assert result.step == 2 and result.editor.device == module_device(result.editor.backbone.layer(2))

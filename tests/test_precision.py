@@ -93,20 +93,25 @@ def test_fp16_gradients_underflow_unscaled_and_not_with_loss_scaling(tiny_dirs, 
     assert err(scaled) < 0.02 and torch.isfinite(scaled).all()
 
 
-def test_training_loop_scales_the_loss_of_an_fp16_backbone(tiny_dirs, tmp_path, monkeypatch):
-    """--mixed_precision no with a float16 backbone (a GPU without bfloat16): the loop adds a
-    GradScaler, trains with finite losses and checkpoints the scaler's state."""
-    monkeypatch.setattr(backbones.loading, "default_dtype", lambda device: torch.float16)
+def train_liveedit(tiny_dirs, tmp_path, monkeypatch, *extra):
+    """train_vllm_editor.py: LiveEdit on the tiny LLaVA, 2 steps of 2 records (4 EVQA-schema records)."""
     # 4 records: no val slice to leave out of them (real EVQA keeps its last 500 train records for val)
     monkeypatch.setitem(DATASETS._entries, "EVQA", replace(DATASETS.get("EVQA"), val_slice=0))
     cfg = tmp_path / "liveedit.yaml"
     cfg.write_text(yaml.safe_dump({"edit_layer": 2, "d_m": 32, "heads": 4, "rank": 4, "n_queries": 4, "scale": 5.0,
                                    "train": {"lr": 1e-3, "lr_cut_step": None}}))
     data = write_evqa(tmp_path / "data", n=4)
-    result = train_vllm_editor.main(["-en", "liveedit", "-mn", "tiny-llava", "--model_path", str(tiny_dirs["llava"]),
-                                     "-dna", "EVQA", "--data_dir", str(data), "-bs", "2", "--config", str(cfg),
-                                     "--records_dir", str(tmp_path / "records"), "-rs", "0", "--max_steps", "2",
-                                     "-dvc", "cpu", "--mixed_precision", "no"])
+    return train_vllm_editor.main(["-en", "liveedit", "-mn", "tiny-llava", "--model_path", str(tiny_dirs["llava"]),
+                                   "-dna", "EVQA", "--data_dir", str(data), "-bs", "2", "--config", str(cfg),
+                                   "--records_dir", str(tmp_path / "records"), "-rs", "0", "--max_steps", "2",
+                                   *extra])
+
+
+def test_training_loop_scales_the_loss_of_an_fp16_backbone(tiny_dirs, tmp_path, monkeypatch):
+    """--mixed_precision no with a float16 backbone (a GPU without bfloat16): the loop adds a
+    GradScaler, trains with finite losses and checkpoints the scaler's state."""
+    monkeypatch.setattr(backbones.loading, "default_dtype", lambda device: torch.float16)
+    result = train_liveedit(tiny_dirs, tmp_path, monkeypatch, "-dvc", "cpu", "--mixed_precision", "no")
     assert result.editor.backbone.dtype == torch.float16
     state = load_training_state(result.final_checkpoint)
     assert state["scaler"] is not None and state["scaler"]["scale"] > 1

@@ -15,7 +15,7 @@ import real_size  # noqa: E402
 from backbones.real_configs import REAL_SPECS, padded_tokenizer  # noqa: E402
 
 # name -> (hidden size, vision tokens, vocabulary, parameters at the published depth, in billions)
-EXPECTED = {"blip2-opt-2.7b": (2560, 32, 50304, 3.87),
+EXPECTED = {"blip2-opt-2.7b": (2560, 32, 50304, 3.74),             # 3.74B, as published (LM head tied)
             "llava-v1.5-7b": (4096, 576, 32064, 7.06),           # LLaVA-1.5-7B: 7.06B, as published
             "minigpt-4-vicuna-7b": (4096, 32, 32001, 7.83)}       # ViT-g 1.0B + Q-Former 0.1B + Vicuna-7B 6.74B
 

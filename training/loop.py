@@ -194,10 +194,11 @@ def train(opts: TrainOptions, resume_ckpt: Path | None = None, saved: dict | Non
         device = accelerator.device
         if device.type == "cuda" and str(device) != opts.device:
             note(f"-dvc {opts.device} is ignored under a multi-process launch; process {rank} uses {device}")
-    else:
-        device = torch.device(opts.device)
+    else:   # -dvc auto: the backbone spread over the visible GPUs (each module placed by accelerate)
+        device = accelerator.device if opts.device == "auto" else torch.device(opts.device)
     dtype = DTYPES.get(accelerator.mixed_precision) if device.type == "cuda" else None
-    backbone = load_backbone(backbone_name, "cpu" if device.type == "cpu" else str(device), opts.model_path, dtype)
+    where = "auto" if opts.device == "auto" and world == 1 else "cpu" if device.type == "cpu" else str(device)
+    backbone = load_backbone(backbone_name, where, opts.model_path, dtype)
     editor = editor_cls(backbone, config)
     params = list(editor.trainable_parameters())
     if not params:
