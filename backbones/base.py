@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from backbones.devices import PerDevice, module_device
 from backbones.sites import edits_by_layer
 from backbones.stacks import DecoderStack
 from vl_datasets.records import Sample, open_image
@@ -127,7 +128,8 @@ class VLBackbone:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where batches are built: the input embeddings' device (of a split model: its first one)."""
+        return module_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -218,7 +220,7 @@ class VLBackbone:
             image_features = self.image_features(pixel_values.to(self.device, self.dtype))
         if image_features is not None:
             mask = is_vision.to(embeds.device)[..., None].expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+            embeds = embeds.masked_scatter(mask, image_features.to(embeds.device, embeds.dtype))
         return VLBatch(input_ids, embeds, attention_mask.to(self.device), labels.to(self.device),
                        vision_range.to(self.device), prompt_range.to(self.device),
                        target_range.to(self.device))
@@ -226,12 +228,17 @@ class VLBackbone:
     # ---- running the LLM ----------------------------------------------------------------------
     def _run(self, batch: VLBatch, start: int, stop: int, hidden=None, layer_edits=None):
         """Run decoder layers ``start..stop-1`` from ``hidden`` (the output of layer ``start-1``, or
-        the input embeddings when ``start`` is 0), applying ``layer_edits[i]`` to layer i's output."""
-        h0, kwargs = self.stack.prepare(batch.inputs_embeds, batch.attention_mask)
-        h = h0 if hidden is None else hidden
+        the input embeddings when ``start`` is 0), applying the ``layer_edits`` of each layer's
+        named sites (``backbones/sites.py``). Each layer runs on its own device
+        (``backbones/devices.py``); its edits get the tensor and the batch on that device."""
+        dev = self.device   # where the embeddings (and the stack's position modules) are
+        h0, kwargs = self.stack.prepare(batch.inputs_embeds.to(dev), batch.attention_mask.to(dev))
+        h, kwargs = (h0 if hidden is None else hidden), PerDevice(kwargs)
         per_layer = edits_by_layer(layer_edits)
         for i in range(start, stop):
-            h = self.stack.run_layer(i, h, kwargs, per_layer.get(i, {}), batch)
+            dev = module_device(self.stack.layers[i])
+            edits = per_layer.get(i, {})
+            h = self.stack.run_layer(i, h.to(dev), kwargs.on(dev), edits, batch.to(dev) if edits else batch)
         return h
 
     def logits(self, batch: VLBatch, layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:
@@ -271,7 +278,8 @@ class VLBackbone:
         embed = self.model.get_input_embeddings()
         for _ in range(max_new_tokens):
             lengths = batch.lengths
-            nxt = self.logits(batch, layer_edits)[rows, lengths - 1].argmax(-1)
+            logits = self.logits(batch, layer_edits)   # on the LM head's device: gather there, bring back
+            nxt = logits[rows.to(logits.device), (lengths - 1).to(logits.device)].argmax(-1).to(self.device)
             for b in alive.nonzero().flatten().tolist():
                 out[b].append(int(nxt[b]))
             alive &= nxt != self.tokenizer.eos_token_id

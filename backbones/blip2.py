@@ -12,7 +12,11 @@ class Blip2Backbone(VLBackbone):
 
     @classmethod
     def load(cls, name, path, device="cpu", dtype=None):
-        model, processor = load_pretrained(cls.model_class, path, device, dtype)
+        return cls.wrap(name, *load_pretrained(cls.model_class, path, device, dtype))
+
+    @classmethod
+    def wrap(cls, name, model, processor):
+        """The wrapper of a model already built or loaded (e.g. ``backbones/real_configs.py``)."""
         n_query = model.config.num_query_tokens
         # Processor configs saved by older transformers lack num_query_tokens: without it the
         # processor adds no image tokens and BLIP-2 silently ignores the image.

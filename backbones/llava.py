@@ -14,7 +14,11 @@ class LlavaBackbone(VLBackbone):
 
     @classmethod
     def load(cls, name, path, device="cpu", dtype=None):
-        model, processor = load_pretrained(cls.model_class, path, device, dtype)
+        return cls.wrap(name, *load_pretrained(cls.model_class, path, device, dtype))
+
+    @classmethod
+    def wrap(cls, name, model, processor):
+        """The wrapper of a model already built or loaded (e.g. ``backbones/real_configs.py``)."""
         cfg = model.config
         vc = cfg.vision_config
         n_patches = (vc.image_size // vc.patch_size) ** 2

@@ -29,12 +29,21 @@ def check_model_folder(path) -> Path:
     return path
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """The frozen backbone's dtype when none is asked for: float32 on the CPU; on GPUs bfloat16 where
+    supported (gradients that editors backpropagate through the frozen layers keep float32's
+    exponent range), else float16 (trainers then scale the loss: ``training/precision.py``)."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def load_pretrained(model_class, path, device="cpu", dtype=None):
     """Load model and processor from a local folder; returns (model in eval mode, processor)."""
     path = check_model_folder(path)
     target, device_map = resolve_device(device)
     if dtype is None:
-        dtype = torch.float32 if target == "cpu" else torch.float16
+        dtype = default_dtype("cpu" if target == "cpu" else "cuda")
     # Quiet the expected "no torchvision, using the PIL image processor" notices.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:

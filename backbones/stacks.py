@@ -11,6 +11,12 @@ from backbones.sites import BLOCK_OUTPUT, MLP_ACTIVATION, MLP_INPUT, MLP_OUTPUT
 def _apply(edits: dict, component: str, x, batch):
     fn = edits.get(component)
     return x if fn is None else fn(x, batch)
+from backbones.devices import module_device
+
+
+def _into(module, x):
+    """``module(x)`` with ``x`` moved to the module's device first (a split model's head)."""
+    return module(x.to(module_device(module)))
 
 
 class DecoderStack:
@@ -63,10 +69,10 @@ class OPTStack(DecoderStack):
     def head(self, hidden):
         d = self.decoder
         if d.final_layer_norm is not None:
-            hidden = d.final_layer_norm(hidden)
+            hidden = _into(d.final_layer_norm, hidden)
         if d.project_out is not None:
-            hidden = d.project_out(hidden)
-        return self.lm_head(hidden)
+            hidden = _into(d.project_out, hidden)
+        return _into(self.lm_head, hidden)
 
     def _layer_forward(self, layer, hidden, kwargs, edits, batch):
         # OPTDecoderLayer.forward, step by step (dropout is off: the backbone is in eval mode)
@@ -105,7 +111,7 @@ class LlamaStack(DecoderStack):
                                    position_ids=position_ids)
 
     def head(self, hidden):
-        return self.lm_head(self.decoder.norm(hidden))
+        return _into(self.lm_head, _into(self.decoder.norm, hidden))
 
     def _layer_forward(self, layer, hidden, kwargs, edits, batch):
         # LlamaDecoderLayer.forward and LlamaMLP.forward, step by step

@@ -50,6 +50,7 @@ from training.checkpoint import (checkpoint_agrees, checkpoint_dir, latest_check
 from training.data import BatchOrder, Position, Prefetcher, shard
 from training.distributed import local_rows_count
 from training.options import TrainOptions
+from training.precision import LossScaling
 from utils.GLOBAL import RECORDS_DIR
 from utils.config import from_dict, load_config, to_dict
 from utils.errors import UserError, describe_os_error
@@ -302,10 +303,11 @@ def _train_in(opts, accelerator, editor_cls, config, tcfg, records, backbone_nam
         device = accelerator.device
         if device.type == "cuda" and str(device) != opts.device:
             note(f"-dvc {opts.device} is ignored under a multi-process launch; process {rank} uses {device}")
-    else:
-        device = torch.device(opts.device)
+    else:   # -dvc auto: the backbone spread over the visible GPUs (each module placed by accelerate)
+        device = accelerator.device if opts.device == "auto" else torch.device(opts.device)
     dtype = DTYPES.get(accelerator.mixed_precision) if device.type == "cuda" else None
-    backbone = load_backbone(backbone_name, "cpu" if device.type == "cpu" else str(device), model_path, dtype)
+    where = "auto" if opts.device == "auto" and world == 1 else "cpu" if device.type == "cpu" else str(device)
+    backbone = load_backbone(backbone_name, where, model_path, dtype)
     editor = editor_cls(backbone, config)
     params = list(editor.trainable_parameters())
     if not params:
@@ -322,6 +324,7 @@ def _train_in(opts, accelerator, editor_cls, config, tcfg, records, backbone_nam
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tcfg.lr_cut_step, float(tcfg.lr_cut_factor)))
     optimizer = accelerator.prepare(optimizer)   # the scheduler stays ours: one cut step, any process count
+    scaling = LossScaling(backbone.dtype, backbone.device, accelerator)   # a float16 backbone: scaled loss
     _seed_all(editor, opts.random_seed + rank, opts.random_seed)
 
     order = BatchOrder(len(records), opts.batch_size, opts.random_seed)
@@ -335,8 +338,8 @@ def _train_in(opts, accelerator, editor_cls, config, tcfg, records, backbone_nam
         load_trained_weights(editor, resume_ckpt)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") is not None and scaling.scaler is not None:
+            scaling.scaler.load_state_dict(state["scaler"])
         step, pos, ema = state["step"], Position(**state["position"]), state["ema_loss"]
         if len(state["rng"]) == world:
             set_rng_state(editor, state["rng"][rank])
@@ -369,7 +372,7 @@ def _train_in(opts, accelerator, editor_cls, config, tcfg, records, backbone_nam
             log_sha = digest.hexdigest()   # the log lines of steps <= at_step, as written so far
             state = {"step": at_step, "position": {"epoch": pos.epoch, "batch": pos.batch}, "ema_loss": ema,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                     "scaler": scaling.scaler.state_dict() if scaling.scaler is not None else None,
                      "rng": states, "world_size": world, "batches_per_epoch": order.batches_per_epoch,
                      "log_sha256": log_sha}
             save_checkpoint(run_dir, at_step, editor.trainable_state_dict(),
@@ -411,10 +414,10 @@ def _train_in(opts, accelerator, editor_cls, config, tcfg, records, backbone_nam
                 raise RuntimeError(f"editor {opts.editor_name!r} returned loss terms {sorted(terms)}, "
                                    f"earlier {keys}; the set must not change between steps")
             total = sum(terms[k] for k in keys)
-            accelerator.backward(total * weight)
+            scaling.backward(total * weight)
             if world > 1:
                 sum_gradients(params, accelerator)
-            optimizer.step()
+            scaling.step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("-mn", "--edit_model_name", help="backbone: blip2, llava, minigpt4, tiny-blip2, ... (required for a new run)")
     a("-dna", "--data_name", help="training dataset: EVQA, EIC, VLKEB or SYNTH-EVQA, ... (required for a new run)")
     a("-bs", "--batch_size", type=int, help="training records per step, over all processes (required for a new run)")
-    a("-dvc", "--device", help="device of a single-process run: cpu, cuda:N or N (default: cuda:0 when "
+    a("-dvc", "--device", help="device of a single-process run: cpu, cuda:N, N or auto (the backbone spread over "
+                               "the visible GPUs by accelerate; default: cuda:0 when "
                                "available, else cpu); under `accelerate launch` each process uses its own")
     a("-dn", "--data_n", type=int, help="use only the first N training records (default: all)")
     a("-lkpt", "--load_ckpt_path", help="checkpoint (or run folder) to resume from; 'none' for a new run")
@@ -144,7 +145,9 @@ def resolve_options(ns: argparse.Namespace):
         values = given
     values["load_ckpt_path"] = str(ckpt) if ckpt else None
     opts = TrainOptions(**values)
-    opts.device = check_available(parse_device(opts.device, "-dvc")) if opts.device else default_device()
+    # -dvc auto: a backbone split over the GPUs (backbones/devices.py)
+    opts.device = (check_available(parse_device(opts.device, "-dvc", allow_auto=True)) if opts.device
+                   else default_device())
     opts.extra_devices = parse_device_list(opts.extra_devices, "-edvc")
     _validate(opts)
     if opts.random_seed is None:

@@ -7,8 +7,9 @@ IGNORE = -100
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor):
-    """-> (logits [B, L-1, V] at predicting positions, labels [B, L-1], mask [B, L-1])."""
-    labels = labels[:, 1:]
+    """-> (logits [B, L-1, V] at predicting positions, labels [B, L-1], mask [B, L-1]), on the
+    logits' device (a model split over devices gives logits on its LM head's device)."""
+    labels = labels[:, 1:].to(logits.device)
     return logits[:, :-1], labels, labels != IGNORE
 
 
@@ -29,7 +30,7 @@ def masked_nll(logits, labels, per_sample: bool = False) -> torch.Tensor:
 def masked_kl(logits, ref_logits, labels, per_sample: bool = False) -> torch.Tensor:
     """KL(ref || new) of the token distributions at the target positions, mean over tokens."""
     lg, lb, mask = shift(logits, labels)
-    ref = shift(ref_logits, labels)[0]
+    ref = shift(ref_logits, labels)[0].to(lg.device)
     kl = F.kl_div(lg.float().log_softmax(-1), ref.float().log_softmax(-1), log_target=True,
                   reduction="none").sum(-1)
     return _reduce(kl, mask, per_sample)

@@ -5,8 +5,11 @@ ball around the weights before that edit (the "L" of FT-L in the ROME paper).
 
 The backbone stays frozen: only this weight gets ``requires_grad`` during an edit, and loses it after.
 Layers below the edited one are run once per edit (their output cannot change), each step runs only
-the edited layer and the ones above it. The optimiser steps a float32 master copy, so a float16
-backbone is tuned without losing small updates. ``restore()`` copies the original weights back.
+the edited layer and the ones above it. The optimiser steps a float32 master copy of the weight, kept
+across edits on the weight's device (the weight is its rounding), so a float16 / bfloat16 backbone is
+tuned without losing small updates; with a float16 weight the loss is scaled (a dynamic GradScaler
+kept across edits) so the gradient through the half-precision layers does not underflow.
+``restore()`` copies the original weights back (exactly: the copy has the weight's dtype).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +49,13 @@ class FTLEditor(BaseEditor):
         self.layer_index = config.layer % n
         self.module = backbone.mlp_output_projection(self.layer_index)
         self.weight = self.module.weight
+        if self.weight.device.type == "meta":
+            raise UserError(f"ft-l: the weight of layer {self.layer_index} is offloaded by accelerate (on 'meta'); "
+                            f"give the GPUs more memory so that it is resident")
         self.weight.requires_grad_(False)
         self.original = self.weight.detach().clone()
+        self.master = None   # float32 copy of the weight that the edits step (made at the first edit)
+        self.scaler = torch.amp.GradScaler(self.weight.device.type, enabled=self.weight.dtype == torch.float16)
 
     # ---- lifelong editing -------------------------------------------------------------------
     def edit(self, request) -> None:
@@ -56,8 +64,10 @@ class FTLEditor(BaseEditor):
         below = self.layer_index - 1
         with torch.no_grad():
             hidden = bb.hidden_at(batch, below)  # below == -1: the embeddings entering layer 0
-        start = w.detach().clone()
-        master = w.detach().float().clone().requires_grad_(True)
+        if self.master is None:
+            self.master = w.detach().float().clone()
+        master = self.master.requires_grad_(True)
+        start = master.detach().clone()
         optimiser = torch.optim.Adam([master], lr=cfg.lr)
         w.requires_grad_(True)
         try:
@@ -66,23 +76,26 @@ class FTLEditor(BaseEditor):
                 if loss.item() < cfg.early_stop_loss:
                     break
                 w.grad = None
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 master.grad = w.grad.float()
-                optimiser.step()
+                self.scaler.step(optimiser)    # unscales; skips a step whose gradient overflowed
+                self.scaler.update()
                 with torch.no_grad():
                     if cfg.norm_constraint is not None:
                         eps = cfg.norm_constraint
-                        lo, hi = start.float() - eps, start.float() + eps
-                        master.copy_(torch.maximum(torch.minimum(master, hi), lo))
+                        master.copy_(torch.maximum(torch.minimum(master, start + eps), start - eps))
                     w.copy_(master)
         finally:
             w.requires_grad_(False)
             w.grad = None
+            master.requires_grad_(False)
+            master.grad = None
         self.n_edits += 1
 
     def restore(self) -> None:
         with torch.no_grad():
             self.weight.copy_(self.original)
+        self.master = None
         self.n_edits = 0
 
     # ---- edited state across processes ---------------------------------------------------------
@@ -110,4 +123,5 @@ class FTLEditor(BaseEditor):
             raise UserError(f"edited state {path}: weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}")
         with torch.no_grad():
             self.weight.copy_(weight.to(self.weight.device, self.weight.dtype))
+        self.master = None   # a float32 copy of the loaded weight is made at the next edit
         self.n_edits = int(meta.get("n_edits", 0))

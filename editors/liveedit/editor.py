@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones.base import LayerEdit, VLBackbone, VLBatch
+from backbones.devices import module_device
 from editors import EDITORS
 from editors.base import BaseEditor
 from editors.liveedit.config import LOSS_TERMS, LiveEditConfig
@@ -88,9 +89,16 @@ class LiveEdit(BaseEditor):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = LiveEditNet(d, backbone.n_vision_tokens, config)
-        self.net.to(backbone.device).eval()
+        # on the device of the layer whose output it reads (a split model: not the first device)
+        dev = module_device(backbone.layer(self.layer))
+        self.net.to(dev).eval()
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.repository = ExpertRepository(config.n_queries, config.d_m, config.rank, d, device=backbone.device)
+        self.repository = ExpertRepository(config.n_queries, config.d_m, config.rank, d, device=dev)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the trainable modules and the expert repository live: layer l_e's device."""
+        return self.net.ln_x.weight.device
 
     @classmethod
     def from_backbone(cls, backbone: VLBackbone, config_path=None) -> "LiveEdit":
@@ -122,7 +130,7 @@ class LiveEdit(BaseEditor):
             raise UserError(f"LiveEdit edits need an image; request {missing[0].prompt!r} has none")
         batch = self.backbone.encode(requests)
         hidden = self.backbone.hidden_at(batch, self.layer)
-        phi, psi, U, V = self._edit_side(hidden, batch)
+        phi, psi, U, V = self._edit_side(hidden, batch.to(hidden.device))
         self.repository.append(phi, psi, U, V, [{"prompt": r.prompt, "target": r.target, "image": r.image}
                                                 for r in requests])
         self.n_edits += len(requests)
@@ -258,8 +266,8 @@ class LiveEdit(BaseEditor):
         and the features that samples are contrasted with are gathered from every process
         (``training/distributed.py``), so each process scores its rows against the global batch."""
         prepared = records if isinstance(records, TrainingBatch) else self.prepare_training_batch(records)
-        R, batch = prepared.n_records, prepared.batch
-        bb, le, dev = self.backbone, self.layer, self.backbone.device
+        bb, le, dev = self.backbone, self.layer, self.device
+        R, batch = prepared.n_records, prepared.batch.to(dev)
         offset, G = local_rows(R, dev)
 
         with torch.no_grad():
@@ -298,7 +306,8 @@ class LiveEdit(BaseEditor):
                    else self._edit_request_routing)
         losses.update(routing(ifeat, efeat, draws, offset, R, G, same_image))
         weights = self.config.loss_weights
-        return {name: losses[name] * getattr(weights, name) for name in LOSS_TERMS}
+        # on one device (logits, hence rel / gen / loc, sit on the LM head's device)
+        return {name: (losses[name] * getattr(weights, name)).to(dev) for name in LOSS_TERMS}
 
     @staticmethod
     def _soft_losses(t: torch.Tensor, own: torch.Tensor) -> dict:
