@@ -22,7 +22,7 @@ loss by its share of the batch; the gradients of the trainable parameters are th
 processes with ``accelerator.reduce``, which gives the gradient of the mean over the whole batch
 (for losses that are means over records), so every process takes the same optimizer step. Losses
 that compare samples across the batch gather the other processes' features with
-``training.distributed.gather_rows`` and so see the global batch too.
+``utils.distributed.gather_rows`` and so see the global batch too.
 """
 import dataclasses
 import json
@@ -48,7 +48,7 @@ from training import runlog
 from training.checkpoint import (checkpoint_agrees, checkpoint_dir, latest_checkpoint, load_trained_weights,
                                  load_training_state, save_checkpoint)
 from training.data import BatchOrder, Position, Prefetcher, shard
-from training.distributed import local_rows_count
+from utils.distributed import local_rows_count
 from training.options import TrainOptions
 from training.precision import LossScaling
 from utils.GLOBAL import RECORDS_DIR

@@ -18,7 +18,7 @@ from editors.liveedit.config import LOSS_TERMS, LiveEditConfig
 from editors.liveedit.modules import (FeatureExtractor, LowRankGenerator, expert_mixture, paired_similarity,
                                       similarity)
 from editors.liveedit.repository import ExpertRepository
-from training.distributed import gather_rows, local_rows
+from utils.distributed import gather_rows, local_rows
 from utils.errors import UserError
 from utils.losses import masked_kl, masked_nll
 from vl_datasets.records import EditRecord, Sample
@@ -264,7 +264,7 @@ class LiveEdit(BaseEditor):
         locality samples. The frozen model runs once to layer l_e for all of them; every loss runs
         only layers l_e+1.. and the head from those captured states. Under data parallel, experts
         and the features that samples are contrasted with are gathered from every process
-        (``training/distributed.py``), so each process scores its rows against the global batch."""
+        (``utils/distributed.py``), so each process scores its rows against the global batch."""
         prepared = records if isinstance(records, TrainingBatch) else self.prepare_training_batch(records)
         bb, le, dev = self.backbone, self.layer, self.device
         R, batch = prepared.n_records, prepared.batch.to(dev)
