@@ -336,13 +336,16 @@ class Mend(BaseEditor):
             if self.config.accumulate == "mean_ref":      # a single edit: the token mean of its update
                 coef = coef / v.sum(1).clamp(min=1)
             factors.append((U, D, coef))
-        owner = torch.arange(batch.input_ids.shape[0], device=dev) % R
+        kinds = batch.input_ids.shape[0] // R     # rows are kind-major: row k * R + r belongs to record r
 
         def delta(m: EditedModule, x: torch.Tensor) -> torch.Tensor:
-            """Each sample's own record's update: x (u~^T d~) = (x u~^T) d~, kept factored."""
+            """Each sample's own record's update: x (u~^T d~) = (x u~^T) d~, kept factored; the
+            ``kinds`` rows of a record share one pair of matmuls."""
             U, D, coef = factors[m.index]
-            y = torch.bmm(torch.bmm(x.float(), U[owner].transpose(1, 2)), D[owner])
-            return y * coef[owner][:, None, None]
+            S, L, _ = x.shape
+            xr = x.float().view(kinds, R, L, -1).transpose(0, 1).reshape(R, kinds * L, -1)
+            y = torch.bmm(torch.bmm(xr, U.transpose(1, 2)), D) * coef[:, None, None]
+            return y.view(R, kinds, L, -1).transpose(0, 1).reshape(S, L, -1)
 
         logits = bb.logits_from(hidden, batch, self.below, self._site_edits(delta))
         labels = batch.labels

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from backbones.base import VLBackbone, VLBatch
+from backbones.base import IGNORE, VLBackbone, VLBatch
 from editors import EDITORS
 from editors.base import BaseEditor
 from editors.liveedit.editor import select_rows
@@ -103,6 +103,14 @@ class Serac(BaseEditor):
     def _counterfactual_logits(self, edits: list[torch.Tensor], batch: VLBatch) -> torch.Tensor:
         h = self.net.counterfactual_hidden(edits, batch.inputs_embeds, batch.lengths)
         return self.backbone.stack.head(h.to(self.backbone.dtype))
+
+    def _head_at_targets(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, L, V] logits with the backbone's head applied only where a target token is predicted
+        (zeros elsewhere, which the masked losses never read): training needs no more."""
+        at = F.pad(labels[:, 1:] != IGNORE, (0, 1))
+        picked = self.backbone.stack.head(hidden[at].to(self.backbone.dtype))
+        out = picked.new_zeros(hidden.shape[:2] + picked.shape[-1:])
+        return out.index_put((at,), picked)
 
     # ---- lifelong editing ----------------------------------------------------------------------
     @torch.no_grad()
@@ -195,11 +203,13 @@ class Serac(BaseEditor):
         # the counterfactual model: every sample given its own record's edit
         lengths = batch.lengths
         edits = [batch.inputs_embeds[r, :int(lengths[r])] for r in range(R)]
-        logits = self._counterfactual_logits([edits[i % R] for i in range(5 * R)], batch)
+        hidden = self.net.counterfactual_hidden([edits[i % R] for i in range(5 * R)], batch.inputs_embeds, lengths)
+        logits = self._head_at_targets(hidden, batch.labels)
         nll = masked_nll(logits[:n_in], batch.labels[:n_in], per_sample=True).view(3, R).mean(1).sum()
         loc_rows = torch.arange(n_in, 5 * R, device=dev)
+        loc = select_rows(batch, loc_rows)
         with torch.no_grad():
-            base = self.backbone.logits(select_rows(batch, loc_rows))
+            base = self._head_at_targets(self.backbone.hidden_at(loc, self.backbone.num_layers - 1), loc.labels)
         # KL(p_cf || p_base): masked_kl(a, b) is KL(b || a)
         kl = masked_kl(base, logits[n_in:], batch.labels[n_in:], per_sample=True).view(2, R).mean(1).sum()
         losses = {"nll": nll, "scope": scope, "loc_kl": kl, "loc_scope": loc_scope}
