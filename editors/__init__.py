@@ -8,3 +8,4 @@ EDITORS = Registry("editor")
 # Importing an editor package registers it.
 from editors import ft_l, liveedit, none  # noqa: E402,F401
 from editors import ft_m, grace, lemoe, tp, wise  # noqa: E402,F401  (baselines I)
+from editors import mend, serac  # noqa: E402,F401

@@ -25,6 +25,9 @@ model_path_map = {
     "tiny-blip2": str(TINY_BACKBONES_DIR / "tiny-blip2"),
     "tiny-llava": str(TINY_BACKBONES_DIR / "tiny-llava"),
     "tiny-minigpt4": str(TINY_BACKBONES_DIR / "tiny-minigpt4"),
+    # Auxiliary models of editors on the real backbones (local copies of the HF folders).
+    "serac-classifier-bert-base-cased": str(ROOT_PATH / "hugging_cache" / "bert-base-cased"),
+    "serac-counterfactual-opt-125m": str(ROOT_PATH / "hugging_cache" / "opt-125m"),
 }
 
 # Short names users type on the command line.
