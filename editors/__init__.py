@@ -7,3 +7,4 @@ EDITORS = Registry("editor")
 
 # Importing an editor package registers it.
 from editors import ft_l, liveedit, none  # noqa: E402,F401
+from editors import lte, recipe  # noqa: E402,F401

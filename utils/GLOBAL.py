@@ -25,6 +25,11 @@ model_path_map = {
     "tiny-blip2": str(TINY_BACKBONES_DIR / "tiny-blip2"),
     "tiny-llava": str(TINY_BACKBONES_DIR / "tiny-llava"),
     "tiny-minigpt4": str(TINY_BACKBONES_DIR / "tiny-minigpt4"),
+    # Auxiliary models of editors (RECIPE's knowledge encoder, LTE's retriever).
+    "recipe-encoder-roberta-base": str(ROOT_PATH / "hugging_cache" / "roberta-base"),
+    "lte-retriever-mpnet": str(ROOT_PATH / "hugging_cache" / "multi-qa-mpnet-base-dot-v1"),
+    # A tiny RoBERTa built (random init, BPE tokenizer on the synthetic world's texts) on first use.
+    "tiny-text-encoder": str(DATA_DIR / "aux_models" / "tiny-text-encoder"),
 }
 
 # Short names users type on the command line.
