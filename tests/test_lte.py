@@ -13,7 +13,8 @@ from editors import EDITORS
 from editors.lte import LTE, LteConfig, LteLossWeights, LteTrain
 from editors.lte.editor import prefix_sample
 from editors.recipe.batching import prompt_texts
-from test_recipe import (QUESTION, assert_batch_equals_single, check_foreign_checkpoint_is_refused,  # noqa: F401
+from test_recipe import (QUESTION, assert_batch_equals_single, check_checkpointed_rows_give_the_same_step,  # noqa: F401
+                         check_foreign_checkpoint_is_refused,
                          check_resume_is_exact, check_state_reloads_in_new_process, distinct_records, encoder_dir,
                          evqa_train, force_retrieval, log_entries, midpoint, logits_of, queries, rel_after_one_edit,
                          requests, run_training, steerable_backbone, train_config_file, train_steps)
@@ -28,7 +29,7 @@ FAMILIES = ["blip2", "llava", "minigpt4"]
 def make_config(encoder_dir, **over) -> LteConfig:
     kw = dict(finetune="lora", lora_rank=4, lora_alpha=8.0, lora_layers=None, retriever=str(encoder_dir),
               retriever_pooling="mean", max_text_tokens=32, train_retriever=True, retriever_temperature=0.1,
-              threshold=0.3, locality_reference="original", train=LteTrain(lr=3e-3, lr_cut_step=None))
+              threshold=0.3, locality_reference="original", checkpoint_rows=False, train=LteTrain(lr=3e-3, lr_cut_step=None))
     kw.update(over)
     return LteConfig(**kw)
 
@@ -193,6 +194,16 @@ def test_training_lowers_the_losses_and_an_edit_lifts_rel(tiny_dirs, encoder_dir
     assert last["retriever"] < 0.5 * first["retriever"]
     after, before = rel_after_one_edit(ed, distinct_records)
     assert before == 0.0 and after >= 0.5, (after, before)
+
+
+def test_checkpoint_rows_gives_the_same_training_step(load_tiny, encoder_dir, distinct_records):
+    bb = load_tiny("minigpt4")
+
+    def make(flag):
+        ed = LTE(bb, make_config(encoder_dir, checkpoint_rows=flag))
+        perturb(ed, scale=0.1)
+        return ed
+    check_checkpointed_rows_give_the_same_step(make, distinct_records[:3])
 
 
 @pytest.fixture(scope="module")

@@ -193,6 +193,26 @@ def log_entries(run_dir: Path):
             for ln in (run_dir / "logs" / "train.jsonl").read_text().splitlines()]
 
 
+def check_checkpointed_rows_give_the_same_step(make_editor, records):
+    """``checkpoint_rows`` (activation checkpointing, one row at a time) changes memory, not the step:
+    the same losses and gradients."""
+    out = []
+    for flag in (False, True):
+        ed = make_editor(flag)
+        ed.train()
+        if hasattr(ed, "generator"):
+            ed.generator.manual_seed(0)
+        losses = ed.training_losses(records)
+        sum(losses.values()).backward()
+        out.append(({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in ed.trainable_parameters()
+                                                                 if p.grad is not None]))
+    (l0, g0), (l1, g1) = out
+    assert l0.keys() == l1.keys() and all(abs(l0[k] - l1[k]) < 1e-5 * (1 + abs(l0[k])) for k in l0)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def check_resume_is_exact(result, tmp_path):
     """Resuming from step 2 of a 4-step run gives the same steps, lrs, losses and weights."""
     copy = tmp_path / "copy"
@@ -259,7 +279,7 @@ def check_state_reloads_in_new_process(editor, tiny_dirs, samples, tmp_path):
 # ---- RECIPE ------------------------------------------------------------------------------------
 def make_config(encoder_dir, **over) -> RecipeConfig:
     kw = dict(encoder=str(encoder_dir), rep_dim=32, n_prompt_tokens=3, n_sentinel_tokens=4, max_text_tokens=32,
-              temperature=1.0, hinge=1.2, retrieve_on_target=False, drop_image=False,
+              temperature=1.0, hinge=1.2, retrieve_on_target=False, drop_image=False, checkpoint_rows=False,
               train=RecipeTrain(lr=3e-3, lr_cut_step=None))
     kw.update(over)
     return RecipeConfig(**kw)
@@ -458,6 +478,12 @@ def test_training_lowers_the_losses_and_an_edit_lifts_rel(tiny_dirs, encoder_dir
     assert last["retrieve_own"] < first["retrieve_own"]
     after, before = rel_after_one_edit(ed, distinct_records)
     assert before == 0.0 and after >= 0.5, (after, before)
+
+
+def test_checkpoint_rows_gives_the_same_training_step(load_tiny, encoder_dir, distinct_records):
+    bb = load_tiny("blip2")
+    check_checkpointed_rows_give_the_same_step(
+        lambda flag: Recipe(bb, make_config(encoder_dir, checkpoint_rows=flag)), distinct_records[:3])
 
 
 @pytest.fixture(scope="module")

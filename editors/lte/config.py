@@ -36,6 +36,7 @@ class LteConfig:
     threshold: float               # retrieve the top-1 edit when its cosine similarity is above this
     locality_reference: str        # original: with no edit the model is the original backbone (the
                                    # locality reference); aligned: the aligned model (the authors')
+    checkpoint_rows: bool          # training: one sequence at a time under activation checkpointing (memory)
     train: LteTrain
     loss_weights: LteLossWeights = field(default_factory=LteLossWeights)
     seed: int = 0                  # initialisation of the adapters

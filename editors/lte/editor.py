@@ -43,7 +43,8 @@ from backbones.sites import MLP_ACTIVATION, MLP_OUTPUT, Site
 from editors import EDITORS
 from editors.base import BaseEditor
 from editors.lte.config import LTE_LOSS_TERMS, LteConfig
-from editors.recipe.batching import back_to_original, greedy_generate, insert_embeddings, prompt_texts
+from editors.recipe.batching import (back_to_original, greedy_generate, insert_embeddings, logits_by_row,
+                                     prompt_texts)
 from editors.recipe.editor import knowledge_text, select_rows
 from editors.recipe.memory import GrowingMemory
 from editors.recipe.text_encoder import TextEncoder, resolve_text_encoder
@@ -315,7 +316,7 @@ class LTE(BaseEditor):
         extras = [prefix[i % R] for i in range(5 * R)] + [None] * (2 * R)
         new, where = insert_embeddings(sub, torch.zeros(7 * R, dtype=torch.long, device=dev), extras,
                                        bb.pad_token_id)
-        logits = back_to_original(self.aligned_logits(new), where)
+        logits = back_to_original(logits_by_row(self.aligned_logits, new, self.config.checkpoint_rows), where)
         nll = masked_nll(logits[:3 * R], sub.labels[:3 * R], per_sample=True).view(3, R)
         loc = select_rows(Q, torch.arange(3 * R, 5 * R, device=dev))
         with torch.no_grad():

@@ -146,3 +146,21 @@ def greedy_generate(logits_fn: Callable[[VLBatch], torch.Tensor], backbone: VLBa
         batch.attention_mask[idx, lengths[idx]] = 1
         batch.target_range[idx, 1] = lengths[idx] + 1
     return out
+
+
+def logits_by_row(logits_fn: Callable[[VLBatch], torch.Tensor], batch: VLBatch, checkpointed: bool) -> torch.Tensor:
+    """``logits_fn(batch)``; with ``checkpointed``, one row at a time under activation checkpointing
+    (``torch.utils.checkpoint``): the backward recomputes each row's forward, so a training step holds
+    the activations of one sequence instead of the whole batch (the same values: no dropout in the
+    frozen backbone)."""
+    if not checkpointed:
+        return logits_fn(batch)
+    from torch.utils.checkpoint import checkpoint
+    out = []
+    for b in range(batch.input_ids.shape[0]):
+        row = replace(batch, **{f: getattr(batch, f)[b:b + 1] for f in
+                                ("input_ids", "attention_mask", "labels", "vision_range", "prompt_range",
+                                 "target_range")})
+        run = lambda emb, row=row: logits_fn(replace(row, inputs_embeds=emb))
+        out.append(checkpoint(run, batch.inputs_embeds[b:b + 1], use_reentrant=False))
+    return torch.cat(out)

@@ -101,6 +101,7 @@ class RecipeConfig:
     hinge: float                 # sentinel losses count a sample only while p_target < hinge * p_second
     retrieve_on_target: bool     # authors' defect: the retrieval query is prompt + (teacher-forced) target
     drop_image: bool             # authors' defect: the backbone sees no image at inference (pre and post)
+    checkpoint_rows: bool        # training: one sequence at a time under activation checkpointing (memory)
     train: RecipeTrain
     loss_weights: RecipeLossWeights = field(default_factory=RecipeLossWeights)
     seed: int = 0                # initialisation of the heads, sentinel and generator; training RNG

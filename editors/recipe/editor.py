@@ -30,7 +30,8 @@ from torch import nn
 from backbones.base import VLBackbone, VLBatch
 from editors import EDITORS
 from editors.base import BaseEditor
-from editors.recipe.batching import back_to_original, greedy_generate, insert_embeddings, prompt_texts
+from editors.recipe.batching import (back_to_original, greedy_generate, insert_embeddings, logits_by_row,
+                                     prompt_texts)
 from editors.recipe.config import RECIPE_LOSS_TERMS, RecipeConfig
 from editors.recipe.memory import GrowingMemory
 from editors.recipe.text_encoder import TextEncoder, resolve_text_encoder
@@ -281,7 +282,7 @@ class Recipe(BaseEditor):
         sub = select_rows(batch, lm_rows)
         extras = [prompts[i % R] for i in range(3 * R)]
         new, where = insert_embeddings(sub, sub.prompt_range[:, 0], extras, bb.pad_token_id)
-        logits = back_to_original(bb.logits(new), where)
+        logits = back_to_original(logits_by_row(bb.logits, new, self.config.checkpoint_rows), where)
         nll = masked_nll(logits[:2 * R], sub.labels[:2 * R], per_sample=True)
         losses["rel"], losses["gen"] = nll[:R].mean(), nll[R:].mean()
         loc = select_rows(batch, loc_rows.to(dev))
