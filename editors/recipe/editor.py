@@ -117,7 +117,10 @@ class Recipe(BaseEditor):
             torch.manual_seed(config.seed)
             self.net = RecipeNet(path, d, emb_scale, config)
         self.net.to(backbone.device).eval()
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # Random draws of training are made for the global batch and sliced to this process's rows,
+        # from a generator seeded the same on every process (from the global RNG, which the training
+        # loop seeds with -rs before building the editor): data parallel draws what one process would.
+        self.draws = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
         self.memory = GrowingMemory({"key": (config.rep_dim,), "prompt": (config.n_prompt_tokens, d)},
                                     device=backbone.device)
         self._sentinel = None
@@ -204,10 +207,10 @@ class Recipe(BaseEditor):
         return self.train(False)
 
     def rng_state(self) -> torch.Tensor:
-        return self.generator.get_state()
+        return self.draws.get_state()
 
     def set_rng_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+        self.draws.set_state(state)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -247,16 +250,19 @@ class Recipe(BaseEditor):
     def training_losses(self, records) -> dict[str, torch.Tensor]:
         """Weighted loss terms (``RECIPE_LOSS_TERMS``) for a batch of records or of
         ``prepare_training_batch(records)``. Random choices (which prompt each retrieval loss reads,
-        which rephrase / locality sample the LM losses use) come from ``self.generator``."""
+        which rephrase / locality sample the LM losses use) come from ``self.draws``."""
         prep = records if isinstance(records, RecipeBatch) else self.prepare_training_batch(records)
         R, batch, tokens = prep.n_records, prep.batch, prep.tokens
-        g, dev, bb = self.generator, self.backbone.device, self.backbone
+        dev, bb = self.backbone.device, self.backbone
+        offset, n_all = local_rows(R, dev)
         ar = torch.arange(R)
-        q1 = torch.randint(0, 3, (R,), generator=g) * R + ar      # rel / text-gen / image-gen prompt
-        q2 = torch.randint(0, 3, (R,), generator=g) * R + ar
-        q3 = (3 + torch.randint(0, 2, (R,), generator=g)) * R + ar  # text-loc / image-loc prompt
-        gen_rows = (1 + torch.randint(0, 2, (R,), generator=g)) * R + ar
-        loc_rows = (3 + torch.randint(0, 2, (R,), generator=g)) * R + ar
+
+        def draw(low: int, high: int) -> torch.Tensor:
+            """A kind per record of the global batch, this process's rows."""
+            return torch.randint(low, high, (n_all,), generator=self.draws)[offset:offset + R] * R + ar
+        q1, q2 = draw(0, 3), draw(0, 3)             # rel / text-gen / image-gen prompt
+        q3 = draw(3, 5)                             # text-loc / image-loc prompt
+        gen_rows, loc_rows = draw(1, 3), draw(3, 5)
 
         # ---- retrieval: the knowledge of the whole (global) batch, the sentinel in the last column
         rows = torch.cat([ar, R + q1, R + q2, R + q3])
@@ -265,7 +271,6 @@ class Recipe(BaseEditor):
         q = self.net.query_head(feats[R:]).view(3, R, -1)
         sentinel = self.net.sentinel()
         all_keys = gather_rows(keys)
-        offset, n_all = local_rows(R, keys.device)
         own = torch.arange(R, device=keys.device) + offset
         s_sent = [self._similarity(q[i], sentinel[None]) for i in range(3)]         # [R, 1] each
         l1 = torch.cat([self._similarity(q[0], all_keys), s_sent[0]], 1)
