@@ -29,7 +29,8 @@ FAMILIES = ["blip2", "llava", "minigpt4"]
 def make_config(encoder_dir, **over) -> LteConfig:
     kw = dict(finetune="lora", lora_rank=4, lora_alpha=8.0, lora_layers=None, retriever=str(encoder_dir),
               retriever_pooling="mean", max_text_tokens=32, train_retriever=True, retriever_temperature=0.1,
-              threshold=0.3, locality_reference="original", checkpoint_rows=False, train=LteTrain(lr=3e-3, lr_cut_step=None))
+              threshold=0.3, locality_reference="original", checkpoint_rows=False, sample_rows=False,
+              train=LteTrain(lr=3e-3, lr_cut_step=None))
     kw.update(over)
     return LteConfig(**kw)
 
@@ -204,6 +205,33 @@ def test_checkpoint_rows_gives_the_same_training_step(load_tiny, encoder_dir, di
         perturb(ed, scale=0.1)
         return ed
     check_checkpointed_rows_give_the_same_step(make, distinct_records[:3])
+
+
+def test_sampled_rows_estimate_the_full_loss(load_tiny, encoder_dir, distinct_records):
+    """sample_rows: each record's gen / loc term is twice the term of one of its two samples."""
+    bb = load_tiny("blip2")
+    full = LTE(bb, make_config(encoder_dir))
+    perturb(full, scale=0.1)
+    sampled = LTE(bb, make_config(encoder_dir, sample_rows=True))
+    sampled.load_trainable_state_dict(full.trainable_state_dict())
+    sampled.draws.manual_seed(0)
+    seen = set()
+    for _ in range(4):
+        record = [distinct_records[0]]
+        with torch.no_grad():
+            s = {k: float(v) for k, v in sampled.training_losses(record).items()}
+            parts = {}
+            for kind, term in (("text_rephrase", "gen"), ("image_rephrase", "gen"), ("text_loc", "loc"),
+                               ("image_loc", "loc")):
+                one = dataclasses.replace(record[0], text_rephrase=getattr(record[0], kind),
+                                          image_rephrase=getattr(record[0], kind),
+                                          text_loc=getattr(record[0], kind), image_loc=getattr(record[0], kind))
+                parts[kind] = float(full.training_losses([one])[term])   # the sum of two equal terms
+        gen = [k for k in ("text_rephrase", "image_rephrase") if abs(parts[k] - s["gen"]) < 1e-4 * (1 + s["gen"])]
+        loc = [k for k in ("text_loc", "image_loc") if abs(parts[k] - s["loc"]) < 1e-4 * (1 + s["loc"]) + 1e-6]
+        assert gen and loc, (s, parts)
+        seen.add(gen[0])
+    assert len(seen) == 2                                    # both rephrases get drawn
 
 
 @pytest.fixture(scope="module")

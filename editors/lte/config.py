@@ -37,6 +37,9 @@ class LteConfig:
     locality_reference: str        # original: with no edit the model is the original backbone (the
                                    # locality reference); aligned: the aligned model (the authors')
     checkpoint_rows: bool          # training: one sequence at a time under activation checkpointing (memory)
+    sample_rows: bool              # training: one random rephrase and one random locality sample per record
+                                   # and step, counted twice (the authors' loss in expectation, 4 sequences
+                                   # instead of 7); false: all of them, as the authors
     train: LteTrain
     loss_weights: LteLossWeights = field(default_factory=LteLossWeights)
     seed: int = 0                  # initialisation of the adapters

@@ -155,6 +155,9 @@ class LTE(BaseEditor):
                             if config.finetune == "lora" else FullCopy(backbone))
         self.retriever.to(backbone.device).eval().requires_grad_(config.train_retriever)
         self.adapter.to(backbone.device).eval()
+        # sample_rows draws for the global batch from a generator seeded alike on every process (from
+        # the global RNG, which the training loop seeds with -rs before building the editor)
+        self.draws = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
         self.memory = GrowingMemory({"key": (self.retriever.feature_size(config.retriever_pooling),)},
                                     device=backbone.device)
         self._prefixes: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -248,6 +251,12 @@ class LTE(BaseEditor):
     def eval(self) -> "LTE":
         return self.train(False)
 
+    def rng_state(self) -> torch.Tensor:
+        return self.draws.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.draws.set_state(state)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
         if self.config.train_retriever:
@@ -304,27 +313,38 @@ class LTE(BaseEditor):
 
     def training_losses(self, records) -> dict[str, torch.Tensor]:
         """Weighted loss terms (``LTE_LOSS_TERMS``) of a batch of records or of
-        ``prepare_training_batch(records)``; every term is a mean over records."""
+        ``prepare_training_batch(records)``; every term is a mean over records. With ``sample_rows``
+        each record uses one of its two rephrases and one of its two locality samples (drawn for the
+        global batch), counted twice: the same expected loss from 4 sequences per record instead of 7."""
         prep = records if isinstance(records, LteBatch) else self.prepare_training_batch(records)
         R, P, Q, bb = prep.n_records, prep.prefixes, prep.queries, self.backbone
         dev = Q.input_ids.device
+        ar = torch.arange(R)
+        if self.config.sample_rows:
+            offset, n_all = local_rows(R, dev)
+            draw = lambda low, high: torch.randint(low, high, (n_all,), generator=self.draws)[offset:offset + R]
+            gen, loc_rows = draw(1, 3) * R + ar, draw(3, 5) * R + ar
+        else:
+            gen, loc_rows = torch.arange(R, 3 * R), torch.arange(3 * R, 5 * R)
+        n_gen, n_loc = len(gen) // R, len(loc_rows) // R
+        # the edit, its rephrases and locality samples with the record's prefix, the locality samples
+        # also without it (a row of Q is kind * R + record)
+        rows = torch.cat([ar, gen, loc_rows, loc_rows]).to(dev)
+        n_prefixed = (1 + n_gen + n_loc) * R
         plens = P.lengths.tolist()
-        prefix = [P.inputs_embeds[i, :plens[i]] for i in range(R)]
-        # every sample with its record's prefix, and the two locality samples also without it
-        rows = torch.cat([torch.arange(5 * R), torch.arange(3 * R, 5 * R)]).to(dev)
+        extras = [P.inputs_embeds[r, :plens[r]] for r in (rows[:n_prefixed] % R).tolist()]
         sub = select_rows(Q, rows)
-        extras = [prefix[i % R] for i in range(5 * R)] + [None] * (2 * R)
-        new, where = insert_embeddings(sub, torch.zeros(7 * R, dtype=torch.long, device=dev), extras,
-                                       bb.pad_token_id)
+        new, where = insert_embeddings(sub, torch.zeros(len(rows), dtype=torch.long, device=dev),
+                                       extras + [None] * (n_loc * R), bb.pad_token_id)
         logits = back_to_original(logits_by_row(self.aligned_logits, new, self.config.checkpoint_rows), where)
-        nll = masked_nll(logits[:3 * R], sub.labels[:3 * R], per_sample=True).view(3, R)
-        loc = select_rows(Q, torch.arange(3 * R, 5 * R, device=dev))
+        nll = masked_nll(logits[:(1 + n_gen) * R], sub.labels[:(1 + n_gen) * R], per_sample=True)
+        loc = select_rows(Q, loc_rows.to(dev))
         with torch.no_grad():
             pre = bb.logits(loc)                                             # the frozen original
-        kl_with = masked_kl(logits[3 * R:5 * R], pre, loc.labels, per_sample=True)   # KL(p_pre || p(l | P))
-        kl_without = masked_kl(logits[5 * R:], pre, loc.labels, per_sample=True)     # KL(p_pre || p(l))
-        losses = {"rel": nll[0].mean(), "gen": nll[1:].sum(0).mean(),
-                  "loc": (0.5 * (kl_with + kl_without)).view(2, R).sum(0).mean()}
+        kl_with = masked_kl(logits[(1 + n_gen) * R:n_prefixed], pre, loc.labels, per_sample=True)  # KL(p_pre || p(l | P))
+        kl_without = masked_kl(logits[n_prefixed:], pre, loc.labels, per_sample=True)              # KL(p_pre || p(l))
+        losses = {"rel": nll[:R].mean(), "gen": nll[R:].view(n_gen, R).sum(0).mean() * (2 / n_gen),
+                  "loc": (0.5 * (kl_with + kl_without)).view(n_loc, R).sum(0).mean() * (2 / n_loc)}
         losses["retriever"] = (self._retriever_loss(prep.tokens, R) if prep.tokens is not None
                                else logits.new_zeros(()))
         w = self.config.loss_weights
