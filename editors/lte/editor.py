@@ -215,12 +215,12 @@ class LTE(BaseEditor):
         return (best > self.config.threshold).to(dev), index.to(dev)
 
     @torch.no_grad()
-    def logits(self, batch: VLBatch) -> torch.Tensor:
+    def logits(self, batch: VLBatch, retrieved=None) -> torch.Tensor:
         if len(self.memory) == 0:
             if self.config.locality_reference == "original":
                 return self.backbone.logits(batch)
             return self.aligned_logits(batch)
-        hit, index = self.retrieve(batch)
+        hit, index = self.retrieve(batch) if retrieved is None else retrieved
         if not bool(hit.any()):
             return self.aligned_logits(batch)
         extras = [self._prefix(int(index[b])) if hit[b] else None for b in range(len(hit))]
@@ -229,7 +229,14 @@ class LTE(BaseEditor):
         return back_to_original(self.aligned_logits(new), where)
 
     def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[list[int]]:
-        return greedy_generate(self.logits, self.backbone, samples, max_new_tokens)
+        """Greedy decoding; retrieval reads only the prompt, so it is done once for all steps."""
+        first = {}
+
+        def logits(batch):
+            if "retrieved" not in first:
+                first["retrieved"] = self.retrieve(batch)
+            return self.logits(batch, first["retrieved"])
+        return greedy_generate(logits, self.backbone, samples, max_new_tokens)
 
     def state_bytes(self) -> int:
         """Retrieval keys plus the stored requests' text (the prefixes are re-embedded from them)."""

@@ -175,10 +175,10 @@ class Recipe(BaseEditor):
         best, index = sims.max(1)
         return (best > sentinel).to(dev), index.to(dev)
 
-    def logits(self, batch: VLBatch) -> torch.Tensor:
+    def logits(self, batch: VLBatch, retrieved=None) -> torch.Tensor:
         """Logits laid out as ``batch``: samples that retrieve an entry get its prompt tokens inserted
         before their prompt text; the others run unchanged (bit for bit when no sample retrieves)."""
-        hit, index = self.retrieve(batch)
+        hit, index = self.retrieve(batch) if retrieved is None else retrieved
         if not bool(hit.any()) and not self.config.drop_image:
             return self.backbone.logits(batch)
         prompts = self.memory.tensor("prompt") if len(self.memory) else None
@@ -188,7 +188,17 @@ class Recipe(BaseEditor):
         return back_to_original(self.backbone.logits(new), where)
 
     def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[list[int]]:
-        return greedy_generate(self.logits, self.backbone, samples, max_new_tokens)
+        """Greedy decoding; retrieval reads only the prompt, so it is done once for all steps (with
+        ``retrieve_on_target`` the query also reads what was generated so far: again at each step)."""
+        if self.config.retrieve_on_target:
+            return greedy_generate(self.logits, self.backbone, samples, max_new_tokens)
+        first = {}
+
+        def logits(batch):
+            if "retrieved" not in first:
+                first["retrieved"] = self.retrieve(batch)
+            return self.logits(batch, first["retrieved"])
+        return greedy_generate(logits, self.backbone, samples, max_new_tokens)
 
     def state_bytes(self) -> int:
         """Bytes of the memory's keys and prompt tokens (the request texts are kept only to save them)."""
