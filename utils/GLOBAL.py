@@ -28,6 +28,11 @@ model_path_map = {
     # Auxiliary models of editors on the real backbones (local copies of the HF folders).
     "serac-classifier-bert-base-cased": str(ROOT_PATH / "hugging_cache" / "bert-base-cased"),
     "serac-counterfactual-opt-125m": str(ROOT_PATH / "hugging_cache" / "opt-125m"),
+    # Auxiliary models of editors (RECIPE's knowledge encoder, LTE's retriever).
+    "recipe-encoder-roberta-base": str(ROOT_PATH / "hugging_cache" / "roberta-base"),
+    "lte-retriever-mpnet": str(ROOT_PATH / "hugging_cache" / "multi-qa-mpnet-base-dot-v1"),
+    # A tiny RoBERTa built (random init, BPE tokenizer on the synthetic world's texts) on first use.
+    "tiny-text-encoder": str(DATA_DIR / "aux_models" / "tiny-text-encoder"),
 }
 
 # Short names users type on the command line.
