@@ -10,3 +10,4 @@ from editors import ft_l, liveedit, none  # noqa: E402,F401
 from editors import ft_m, grace, lemoe, tp, wise  # noqa: E402,F401  (baselines I)
 from editors import mend, serac  # noqa: E402,F401
 from editors import lte, recipe  # noqa: E402,F401
+

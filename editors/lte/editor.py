@@ -48,7 +48,7 @@ from editors.recipe.batching import (back_to_original, greedy_generate, insert_e
 from editors.recipe.editor import knowledge_text, select_rows
 from editors.recipe.memory import GrowingMemory
 from editors.recipe.text_encoder import TextEncoder, resolve_text_encoder
-from training.distributed import gather_rows, local_rows
+from utils.distributed import gather_rows, local_rows
 from utils.errors import UserError
 from utils.losses import masked_kl, masked_nll
 from vl_datasets.records import EditRecord, Sample

@@ -3,7 +3,6 @@
 the backbone."""
 from dataclasses import dataclass, field
 
-from editors.liveedit.config import _check_types
 from utils.errors import UserError
 
 PROJECTIONS = ("input", "output")
@@ -30,7 +29,6 @@ def check_bool(value, where: str) -> None:
 def check_train_section(train, where: str) -> None:
     """The ``train`` section the shared loop reads: lr > 0, lr_cut_factor > 0, lr_cut_step >= 0 or
     null, max_steps >= 1 or null."""
-    _check_types(train, where)
     if train.lr <= 0 or train.lr_cut_factor <= 0:
         raise UserError(f"{where}: expected lr > 0 and lr_cut_factor > 0, got lr={train.lr}, "
                         f"lr_cut_factor={train.lr_cut_factor}")
@@ -42,7 +40,6 @@ def check_train_section(train, where: str) -> None:
 
 def check_weights(weights, names, where: str) -> None:
     """Loss weights: floats >= 0."""
-    _check_types(weights, where)
     bad = [n for n in names if getattr(weights, n) < 0]
     if bad:
         raise UserError(f"{where}.{bad[0]}: expected >= 0, got {getattr(weights, bad[0])}")
@@ -93,7 +90,6 @@ class MendConfig:
     seed: int = 0           # initialisation of the hypernetworks
 
     def __post_init__(self):
-        _check_types(self, "mend")
         check_list(self.layers, int, "mend.layers")
         check_list(self.projections, str, "mend.projections", PROJECTIONS)
         for key in ("rank", "n_hidden"):

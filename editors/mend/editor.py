@@ -41,7 +41,7 @@ from editors.base import BaseEditor
 from editors.liveedit.editor import select_rows
 from editors.mend.config import LOSS_TERMS, MendConfig
 from editors.mend.hypernet import GradientTransform
-from evaluation.checkpoints import checkpoint_metadata
+from editors.base import owner_metadata
 from utils.errors import UserError
 from utils.io import atomic_path
 from utils.losses import masked_kl, masked_nll
@@ -369,7 +369,7 @@ class Mend(BaseEditor):
         tensors = {"rows": torch.tensor(self.rows or [0.0] * len(self.modules), dtype=torch.float64)}
         if self.deltas is not None:
             tensors.update({f"delta.{i}": d.detach().cpu().contiguous() for i, d in enumerate(self.deltas)})
-        meta = checkpoint_metadata(self.name, self.backbone.name, n_edits=self.n_edits, **self._owner())
+        meta = owner_metadata(self.name, self.backbone.name, n_edits=self.n_edits, **self._owner())
         with atomic_path(Path(directory) / STATE_FILE) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 

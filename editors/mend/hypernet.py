@@ -11,7 +11,7 @@ update they are the identity, never NaN)."""
 import torch
 from torch import nn
 
-from training.distributed import gather_rows
+from utils.distributed import gather_rows
 
 
 class RunningNorm(nn.Module):

@@ -16,7 +16,7 @@ Prompt Learning"; the LiveEdit authors' own earlier method), on a frozen VLLM. B
 
 Training (the backbone frozen; trained: the encoder, both heads, the sentinel tokens, the prompt
 generator), for a batch of records: retrieval losses against the global batch's keys
-(``training.distributed.gather_rows``) and LM losses with each record's own prompt tokens inserted.
+(``utils.distributed.gather_rows``) and LM losses with each record's own prompt tokens inserted.
 """
 import hashlib
 from dataclasses import dataclass, fields, replace
@@ -35,7 +35,7 @@ from editors.recipe.batching import (back_to_original, greedy_generate, insert_e
 from editors.recipe.config import RECIPE_LOSS_TERMS, RecipeConfig
 from editors.recipe.memory import GrowingMemory
 from editors.recipe.text_encoder import TextEncoder, resolve_text_encoder
-from training.distributed import gather_rows, local_rows
+from utils.distributed import gather_rows, local_rows
 from utils.errors import UserError
 from utils.losses import masked_kl, masked_nll
 from vl_datasets.records import EditRecord, Sample

@@ -2,7 +2,6 @@
 ``utils.config.load_config`` (BASELINES.md section 3)."""
 from dataclasses import dataclass, field
 
-from editors.liveedit.config import _check_types
 from editors.mend.config import TrainSection, check_bool, check_weights
 from utils.errors import UserError
 
@@ -21,7 +20,6 @@ class SeracModel:
     max_positions: int | None = None   # tiny model only: position embeddings
 
     def check(self, where: str) -> None:
-        _check_types(self, where)
         sizes = ("hidden", "layers", "heads", "max_positions")
         if self.pretrained is not None:
             if not isinstance(self.pretrained, str) or not self.pretrained:
@@ -67,7 +65,6 @@ class SeracConfig:
     seed: int = 0           # initialisation of the projections and of the tiny models
 
     def __post_init__(self):
-        _check_types(self, "serac")
         self.classifier.check("serac.classifier")
         self.counterfactual.check("serac.counterfactual")
         check_bool(self.anchor_in_scope, "serac.anchor_in_scope")

@@ -12,7 +12,7 @@ Training (the shared loop), per batch of R records (BASELINES "Losses per batch"
 those queries against the batch's edit keys; ``anchor_in_scope`` adds the threshold as a negative),
 ``loc_kl`` (KL(p_cf || p_base) on both locality samples given their record's edit) and ``loc_scope``
 (locality queries: softmax over [scores to the batch's edits, threshold], target the threshold). The
-batch's edit keys are gathered from every process (``training/distributed.py``), so a data-parallel
+batch's edit keys are gathered from every process (``utils/distributed.py``), so a data-parallel
 run contrasts against the global batch.
 """
 import hashlib
@@ -31,8 +31,8 @@ from editors.liveedit.editor import select_rows
 from editors.serac.config import LOSS_TERMS, SeracConfig
 from editors.serac.memory import EditMemory
 from editors.serac.modules import SeracNet
-from evaluation.checkpoints import checkpoint_metadata
-from training.distributed import gather_rows, local_rows
+from editors.base import owner_metadata
+from utils.distributed import gather_rows, local_rows
 from utils.errors import UserError
 from utils.io import atomic_path, read_json, write_json
 from utils.losses import masked_kl, masked_nll
@@ -233,7 +233,7 @@ class Serac(BaseEditor):
 
         directory = Path(directory)
         fp = self.fingerprint()
-        meta = checkpoint_metadata(self.name, self.backbone.name, fingerprint=json.dumps(fp, sort_keys=True),
+        meta = owner_metadata(self.name, self.backbone.name, fingerprint=json.dumps(fp, sort_keys=True),
                                    size=len(self.memory))
         with atomic_path(directory / KEYS_FILE) as tmp:
             save_file({"keys": self.memory.keys.detach().cpu().contiguous()}, str(tmp), metadata=meta)
