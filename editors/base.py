@@ -6,7 +6,8 @@
   editors such as LiveEdit route here; weight-editing editors return ``{}``);
 - for trainable editors: ``trainable_parameters()`` and ``training_losses(records)`` for the shared
   training loop, and ``load_trainable_state_dict`` for a trained checkpoint;
-- optionally ``save_state`` / ``load_state`` of what the edits produced.
+- optionally ``save_state`` / ``load_state`` of what the edits produced, and ``state_bytes()``: its
+  size in bytes (reported beside the scores; ``None``: not known).
 """
 from pathlib import Path
 from typing import Sequence
@@ -60,6 +61,10 @@ class BaseEditor:
         raise UserError(f"editor {self.name!r} has no trained weights to load")
 
     # ---- edited state across processes ---------------------------------------------------------
+    def state_bytes(self) -> int | None:
+        """Bytes of what the edits so far produced (memory, expert pool, changed weights); None: unknown."""
+        return None
+
     def save_state(self, directory: Path) -> None:
         raise UserError(f"editor {self.name!r} cannot save its edited state")
 

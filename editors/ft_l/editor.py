@@ -97,6 +97,10 @@ class FTLEditor(BaseEditor):
         self.n_edits = 0
 
     # ---- edited state across processes ---------------------------------------------------------
+    def state_bytes(self) -> int:
+        """The tuned weight (what save_state writes)."""
+        return self.weight.numel() * self.weight.element_size()
+
     def save_state(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
