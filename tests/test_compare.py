@@ -126,3 +126,13 @@ def test_training_seconds_adds_up_resumed_invocations(tmp_path):
     assert training_seconds(tmp_path) == 3.5
     assert training_seconds(tmp_path, 2) == 2.0
     assert training_seconds(tmp_path / "none") is None
+
+
+def test_figure_scripts_draw(tmp_path):
+    import importlib.util
+    for name in ("liveedit_dataflow", "world_samples"):
+        spec = importlib.util.spec_from_file_location(name, ROOT_PATH / "figures" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out = module.draw(tmp_path / f"{name}.png")
+        assert out.is_file() and out.stat().st_size > 10_000
