@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data_dir", default=None, help="data root (default: data/)")
     a("--model_path", default=None, help="backbone folder (default: utils/GLOBAL.py)")
     a("--records_dir", default=None, help="records root (default: records/)")
-    a("--out", default=None, help="output folder (default: <records>/compare/<backbone>/<dataset>; one dataset)")
+    a("--out", default=None, help="output folder (default: <records>/compare/<backbone>/<dataset>[-val]; one dataset)")
     a("--no_run", action="store_true", help="only rebuild the tables from the finished cells")
     a("--results_md", default=None, help="also write the README 'Results' block for every dataset to this file")
     a("--figures", default=None, help="copy each curves.png to DIR/results-<backbone>-<dataset>.png")
@@ -219,10 +219,11 @@ class Comparison:
             write_text(path, yaml.safe_dump(config, sort_keys=False))
         return config, path
 
-    def _find_run(self, editor: str, seed: int, config: dict):
-        """This command's latest training run of ``editor`` with ``seed`` and this config, if any."""
+    def _find_run(self, editor: str, seed: int, config: dict, steps: int):
+        """This command's latest training run of ``editor`` with ``seed`` and this config that has a
+        checkpoint at ``steps`` or can be continued to it, if any."""
         import yaml
-        from training.checkpoint import CONFIG_FILE
+        from training.checkpoint import CONFIG_FILE, WEIGHTS_FILE, checkpoint_dir, resolve_checkpoint
         root = self.records_dir / editor / self.backbone / self.dataset
         for run in sorted(root.glob(f"compare-s{seed}-*"), reverse=True):
             try:
@@ -233,12 +234,17 @@ class Comparison:
             if (saved.get("editor_config") == config and a.get("random_seed") == seed
                     and a.get("batch_size") == self.args.train_bs and a.get("data_n") is None
                     and any((run / "checkpoints").glob("step_*"))):
-                return run
+                try:
+                    latest = int(resolve_checkpoint(run).name.split("_")[-1])
+                except UserError:
+                    continue
+                if latest < steps or (checkpoint_dir(run, steps) / WEIGHTS_FILE).is_file():
+                    return run
         return None
 
     def train(self, editor: str, seed: int) -> tuple[str, float | None]:
         """Train (or finish training) ``editor`` with ``seed``; returns (checkpoint, training seconds)."""
-        from training.checkpoint import resolve_checkpoint
+        from training.checkpoint import WEIGHTS_FILE, checkpoint_dir, resolve_checkpoint
         from training.loop import train
         from training.options import build_parser as train_parser, resolve_options
 
@@ -247,11 +253,11 @@ class Comparison:
         if not steps:
             raise UserError(f"editor {editor!r}: its config has no train.max_steps; pass --train_steps")
         common = ["--max_steps", str(steps), "-dvc", self.device]
-        run = self._find_run(editor, seed, config)
+        run = self._find_run(editor, seed, config, steps)
         if run is not None:
+            if (checkpoint_dir(run, steps) / WEIGHTS_FILE).is_file():
+                return str(checkpoint_dir(run, steps)), training_seconds(run, steps)
             ckpt = resolve_checkpoint(run)
-            if int(ckpt.name.split("_")[-1]) >= steps:
-                return str(ckpt), training_seconds(run, steps)
             print(f"compare: resuming the training of {editor} (seed {seed}) from {ckpt}", file=sys.stderr)
             argv = ["-lkpt", str(run)] + common
         else:
@@ -541,7 +547,8 @@ def main(argv=None) -> dict:
     results, blocks = {}, []
     figures = Path(args.figures) if args.figures else (ROOT_PATH / "figures" if args.update_readme else None)
     for dataset in datasets:
-        out = Path(args.out) if args.out else records_dir / "compare" / backbone / dataset
+        name = dataset if args.split == "eval" else f"{dataset}-{args.split}"
+        out = Path(args.out) if args.out else records_dir / "compare" / backbone / name
         comp = Comparison(args, dataset, out)
         cells = comp.finished_cells() if args.no_run else comp.run()
         rows = comp.collect(cells)
