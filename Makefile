@@ -1,9 +1,10 @@
 # The README's two commands: `make demo` (set up + main job on the embedded default) and
-# `make test` (set up + test suite). Both install the pinned requirements first.
+# `make test` (set up + test suite). Both install the pinned requirements first. `make compare`: every
+# editor on tiny-blip2 and the three synthetic datasets, tables under records/compare/, README Results.
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup test demo
+.PHONY: setup test demo compare
 setup:
 	$(PIP) install -q -r requirements.txt
 
@@ -12,3 +13,7 @@ test: setup
 
 demo: setup
 	$(PYTHON) -m scripts.demo
+
+compare: setup
+	$(PYTHON) -m scripts.compare -mn tiny-blip2 -dn SYNTH-EVQA,SYNTH-EIC,SYNTH-VLKEB --editors all \
+		--eval_at 1,10,100,1000 --seeds 0 --update_readme

@@ -14,6 +14,8 @@
 Evaluation scores (``logits``, ``generate``) under ``torch.inference_mode()``, while ``edit()`` runs
 outside it (an editor may optimise during an edit). So ``logits`` / ``generate`` must not create state
 that a later ``edit()`` differentiates through: tensors made under inference mode cannot be.
+- optionally ``save_state`` / ``load_state`` of what the edits produced, and ``state_bytes()``: its
+  size in bytes (reported beside the scores; ``None``: not known).
 """
 from pathlib import Path
 from typing import Sequence
@@ -83,6 +85,10 @@ class BaseEditor:
         raise UserError(f"editor {self.name!r} has no trained weights to load")
 
     # ---- edited state across processes ---------------------------------------------------------
+    def state_bytes(self) -> int | None:
+        """Bytes of what the edits so far produced (memory, expert pool, changed weights); None: unknown."""
+        return None
+
     def save_state(self, directory: Path) -> None:
         raise UserError(f"editor {self.name!r} cannot save its edited state")
 

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_edited_state", default=None, metavar="DIR",
                    help="load the edited states saved by --save_edited_state instead of editing")
     p.add_argument("--overwrite", action="store_true", help="discard a finished or partial run in the run folder")
+    p.add_argument("--general", default=None, metavar="FILE_or_NAME",
+                   help="general-capability VQA set measured before editing and after each chunk / point: "
+                        "synth, vqav2, mme, a VQAv2-style JSON or an MME folder (evaluation/general.py)")
+    p.add_argument("--general_n", type=int, default=None, help="use the first N questions of --general")
     return p
 
 
@@ -69,7 +73,10 @@ def parse_points(text: str) -> list[int]:
 def data_fingerprint(records) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r.index, [[s.prompt, s.target, s.image] for s in r.samples().values()]]).encode())
+        item = [r.index, [[s.prompt, s.target, s.image] for s in r.samples().values()]]
+        if getattr(r, "portability", ()):
+            item.append([[s.prompt, s.target, s.image] for s in r.portability])
+        h.update(json.dumps(item).encode())
     return h.hexdigest()[:16]
 
 
@@ -96,6 +103,9 @@ def main(argv=None) -> dict:
     _positive(args.sequential_edit_n, "-sen/--sequential_edit_n")
     _positive(args.data_sample_n, "-dsn/--data_sample_n")
     _positive(args.eval_batch_size, "--eval_batch_size")
+    _positive(args.general_n, "--general_n")
+    if args.general_n is not None and not args.general:
+        raise UserError("--general_n needs --general")
     points = parse_points(args.eval_at) if args.eval_at is not None else None
     if points is None and args.sequential_edit_n is None:
         raise UserError("give -sen/--sequential_edit_n (edits per chunk) or --eval_at")
@@ -175,6 +185,10 @@ def main(argv=None) -> dict:
     check_model_folder(model_path)
     # the backbone's build: its fingerprint is part of the run's identity
     fingerprint = backbone_fingerprint(model_path)
+    general = None
+    if args.general:
+        from evaluation.general import load_general
+        general = load_general(args.general, data_dir, args.general_n)
     if args.load_edited_state:
         check_saved_states(Path(args.load_edited_state), stages, records, args.editor_name, backbone_name, fingerprint)
 
@@ -188,6 +202,8 @@ def main(argv=None) -> dict:
                 "backbone_fingerprint": fingerprint,
                 "data_dir": absolute(data_dir), "data_fingerprint": data_fingerprint(records),
                 "load_edited_state": absolute(args.load_edited_state), "editor_config": to_dict(config)}
+    if general is not None:
+        identity["general"] = general.identity()
 
     # ---- an existing run in the folder: report it, or refuse (reading only; again under the lock) ----
     if not args.overwrite and _existing_run(store, identity, stages) == "finished":
@@ -223,6 +239,11 @@ def main(argv=None) -> dict:
             print(f"resuming {store.dir}: {len(done_names)} of {len(stages)} "
                   f"{'chunks' if mode == 'sequential' else 'points'} already done", file=sys.stderr)
 
+        probe = None
+        if general is not None:  # the unedited model's score, then after each chunk / point
+            from evaluation.general import GeneralProbe
+            probe = GeneralProbe(general, args.eval_batch_size)
+            probe.start(editor)
         from tqdm import tqdm
         todo = [s for s in stages if s.name not in done_names]
         total = sum(len(s.edit_positions) + 5 * len(s.test_positions) for s in todo)
@@ -231,7 +252,7 @@ def main(argv=None) -> dict:
                   file=sys.stderr, mininterval=1.0) as progress:
             results = run_protocol(editor, records, stages, store, batch_size=args.eval_batch_size,
                                    load_dir=args.load_edited_state, save_dir=args.save_edited_state,
-                                   progress=progress)
+                                   progress=progress, after_stage=probe)
         header = {"run": identity, "mode": mode,
                   "scoring": {"default": "teacher-forced token accuracy (percent)",
                               "exact_match": "greedy generation of len(target) tokens equals the target "

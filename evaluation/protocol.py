@@ -20,7 +20,7 @@ from pathlib import Path
 
 from backbones.fingerprint import check_same_backbone
 from evaluation.results import RunStore, summarise
-from evaluation.scoring import LOCALITY, METRICS, run_samples, sample_scores
+from evaluation.scoring import LOCALITY, METRICS, PORT, run_samples, sample_scores
 from utils.errors import UserError
 from utils.io import read_json, write_json
 
@@ -77,8 +77,10 @@ def check_saved_states(load_dir: Path, stages: list[Stage], records, editor_name
 
 
 def _samples(records, positions):
-    """Samples of ``positions``, metric-major (text-only T-Loc samples batch together)."""
-    return [(p, m, records[p].samples()[m]) for m in METRICS for p in positions]
+    """Samples of ``positions``, metric-major (text-only T-Loc samples batch together), then the
+    records' portability samples (keyed ``("port", j)``)."""
+    return ([(p, m, records[p].samples()[m]) for m in METRICS for p in positions]
+            + [(p, (PORT, j), s) for p in positions for j, s in enumerate(records[p].portability)])
 
 
 def _outputs(editor, records, positions, batch_size, progress, pre: dict | None = None) -> dict:
@@ -98,13 +100,24 @@ def _record_entry(editor, record, position, edit_time, pre: dict, post: dict) ->
         samples[m] = {"prompt": s.prompt, "image": s.image, "target": s.target,
                       "pred_before": decode(b.gen), "pred_after": decode(a.gen),
                       "tf_before": decode(b.tf), "tf_after": decode(a.tf), **sample_scores(m, a, b)}
-    return {"record": record.index, "position": position, "edit_time": edit_time, "samples": samples}
+    out = {"record": record.index, "position": position, "edit_time": edit_time, "samples": samples}
+    if record.portability:  # Port: one entry per portability question, scored like Rel
+        out["portability"] = []
+        for j, s in enumerate(record.portability):
+            b, a = pre[(position, (PORT, j))], post[(position, (PORT, j))]
+            out["portability"].append({"prompt": s.prompt, "image": s.image, "target": s.target,
+                                       "pred_before": decode(b.gen), "pred_after": decode(a.gen),
+                                       "tf_before": decode(b.tf), "tf_after": decode(a.tf),
+                                       **sample_scores(PORT, a, b)})
+    return out
 
 
 def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch_size: int,
-                 load_dir=None, save_dir=None, progress=None) -> list[dict]:
+                 load_dir=None, save_dir=None, progress=None, after_stage=None) -> list[dict]:
     """Run (or finish) ``stages``; returns every stage's result in order. ``records`` are in run order.
-    The editor is put in evaluation mode first (no dropout or other train-time randomness)."""
+    The editor is put in evaluation mode first (no dropout or other train-time randomness).
+    ``after_stage(editor, stage) -> dict``, if given, is called on the edited model after each stage's
+    tests and its entries are added to the stage's means (e.g. the General score)."""
     editor.eval()
     done = store.done_stages([s.name for s in stages])
     streams: dict[int, list[Stage]] = {}
@@ -152,9 +165,20 @@ def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch
             post = _outputs(editor, records, s.test_positions, batch_size, progress, pre)
             entries = [_record_entry(editor, records[p], p, times.get(p), pre, post) for p in s.test_positions]
             stream_times = [times[p] for p in edited]
+            means = summarise(entries, stream_times)
+            state_bytes = getattr(editor, "state_bytes", lambda: None)()
+            if state_bytes is not None:  # size of what the edits produced (editors/base.py)
+                means["state_bytes"] = int(state_bytes)
+            if after_stage is not None:
+                extra = after_stage(editor, s) or {}
+                for key, value in extra.items():
+                    if isinstance(value, dict) and isinstance(means.get(key), dict):
+                        means[key].update(value)
+                    else:
+                        means[key] = value
             result = {"name": s.name, "index": s.index, "n_edits": len(edited),
                       "edit_positions": list(s.edit_positions), "edit_times": new_times,
-                      "means": summarise(entries, stream_times), "records": entries}
+                      "means": means, "records": entries}
             store.save_stage(result)
             done[s.name] = result
         editor.restore()

@@ -12,7 +12,7 @@ Run folder ``records/<editor>/<backbone>/<split>/<DATASET>[-postfix]/<sequential
 import json
 from pathlib import Path
 
-from evaluation.scoring import LOCALITY, METRIC_NAMES, METRICS
+from evaluation.scoring import GENERAL_NAME, LOCALITY, METRIC_NAMES, METRICS, PORT_NAME
 from utils.errors import UserError
 from utils.io import read_json, write_json, write_text, write_yaml
 
@@ -44,7 +44,17 @@ def summarise(records: list[dict], edit_times: list[float]) -> dict:
     out["pre_edit"] = {METRIC_NAMES[m]: over(m, "acc_before") for m in gen}
     out["pre_edit_exact_match"] = {METRIC_NAMES[m]: over(m, "em_before") for m in gen}
     out["edit_time"] = _mean(edit_times)
+    ports = [s for r in records for s in r.get("portability", ())]
+    if ports:  # Port: mean over every portability question of the records (scored like Rel)
+        for key, field in (("", "acc"), ("exact_match", "em"), ("pre_edit", "acc_before"),
+                           ("pre_edit_exact_match", "em_before")):
+            (out[key] if key else out)[PORT_NAME] = _mean(s[field] for s in ports)
     return out
+
+
+def extra_names(means: dict) -> list[str]:
+    """The measured-where-available metrics present in ``means``: Port, General."""
+    return [k for k in (PORT_NAME, GENERAL_NAME) if means.get(k) is not None]
 
 
 # ---- the run folder ----------------------------------------------------------------------------
@@ -110,6 +120,8 @@ def finalise(store: RunStore, mode: str, header: dict, stages: list[dict]) -> di
         records = [r for s in stages for r in s["records"]]
         times = [t for s in stages for t in s["edit_times"]]
         total = summarise(records, times)
+        from evaluation.general import merge_chunks  # General and state bytes are per chunk
+        merge_chunks(total, [s["means"] for s in stages])
     else:
         total = dict(stages[-1]["means"])
     total["n_stages"] = len(stages)
@@ -123,10 +135,10 @@ def finalise(store: RunStore, mode: str, header: dict, stages: list[dict]) -> di
 def write_curve(run_dir: Path, points: list[dict]):
     """Metric versus number of edits, as JSON and as a PNG (two panels: token accuracy, exact match)."""
     n = [p["n_edits"] for p in points]
-    names = [METRIC_NAMES[m] for m in METRICS]
+    names = [METRIC_NAMES[m] for m in METRICS] + extra_names(points[-1])
     curve = {"n_edits": n,
-             "teacher_forced": {k: [p[k] for p in points] for k in names},
-             "exact_match": {k: [p["exact_match"][k] for p in points] for k in names},
+             "teacher_forced": {k: [p.get(k) for p in points] for k in names},
+             "exact_match": {k: [p["exact_match"].get(k) for p in points] for k in names},
              "edit_time": [p["edit_time"] for p in points]}
     write_json(run_dir / CURVE_JSON, curve)
 
@@ -139,7 +151,7 @@ def write_curve(run_dir: Path, points: list[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, (title, key) in zip(axes, [("teacher-forced token accuracy", "teacher_forced"),
                                        ("exact match", "exact_match")]):
-        for name, marker in zip(names, "osD^v"):
+        for name, marker in zip(names, "osD^vPX"):
             style = "--" if name.endswith("Loc") else "-"
             ax.plot(n, curve[key][name], style, marker=marker, label=name, alpha=0.85)
         if len(n) > 1 and n[-1] / max(n[0], 1) >= 10:
@@ -164,7 +176,7 @@ def _fmt(v) -> str:
 def markdown_table(means: dict) -> str:
     """Markdown table of the total means (per point with --eval_at): token accuracy and exact match."""
     run = means["run"]
-    names = [METRIC_NAMES[m] for m in METRICS]
+    names = [METRIC_NAMES[m] for m in METRICS] + extra_names(means["total"])
     head = ["Editor", "Backbone", "Dataset", "Edits", "Scoring"] + names + ["s/edit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if means["mode"] == "sequential":
@@ -175,7 +187,7 @@ def markdown_table(means: dict) -> str:
         time = "-" if m["edit_time"] is None else f"{m['edit_time']:.4f}"
         for scoring, values in (("token acc", m), ("exact match", m["exact_match"])):
             cells = [run["editor"], run["backbone"], run["dataset"], label, scoring]
-            cells += [_fmt(values[k]) for k in names] + [time]
+            cells += [_fmt(values.get(k)) for k in names] + [time]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -24,6 +24,9 @@ from vl_datasets.records import Sample
 METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 LOCALITY = ("t_loc", "m_loc")
 METRIC_NAMES = {"rel": "Rel", "t_gen": "T-Gen", "m_gen": "M-Gen", "t_loc": "T-Loc", "m_loc": "M-Loc"}
+# Measured where the data has them: Port (the record's portability questions, scored like Rel) and
+# General (a general-capability VQA set, evaluation/general.py), beside the five metrics.
+PORT, PORT_NAME, GENERAL_NAME = "port", "Port", "General"
 
 
 @dataclass

@@ -101,8 +101,29 @@ Files written under ``<out>``
     pretrain/train.json                          pretraining corpus (true answers only)
     pretrain/heldout.json                        held-out renders / paraphrases, for accuracy
     pretrain/images/<eid>_<k>.png                pretraining renders (k >= 2)
+    general/vqa_general.json                     general-capability VQA set (VQAv2-style, format 10)
+    general/images/<eid>_<k>.png                 its images (render k = GENERAL_RENDER, never pretrained)
 
-Dataset records have exactly the keys of the real data (:data:`RECORD_KEYS`); image paths are
+Portability (format 10). Every SYNTH-VLKEB record also carries ``port_new``, as VLKEB's one-hop
+file does: one question about the edit image whose answer follows from the edited fact and a true
+fact of the world. A city edit ("the city in this image is X") is followed by "What color / shape is
+the emblem of the city in the image?": the answer is X's emblem colour (or its shape, when that
+colour is one of the image's own colours), which the backbone learnt only as "a picture of a <colour>
+<shape> shows X". A country edit ("the country is Y") is followed by "What color is the flag of the
+country in the image?": Y's flag colour (never the image's background, whose country is the true
+one). So the answer is never what the unedited picture shows (except for a few country records
+whose new flag colour is the shape's or the frame's colour), and it is reachable only through the
+edit. ``port_edit_q`` / ``port_edit_a`` state the hop ("What color is the emblem of X?"). The
+draws use their own random stream: every other field, and the pretraining corpus, are as in format 9.
+
+General capability (format 10). ``general/vqa_general.json`` holds ``WorldConfig.n_general``
+ordinary VQA questions (a trained template of the shape / background / frame colour) about a fresh
+render (k = :data:`GENERAL_RENDER`, never pretrained and never a dataset image) of entities with
+reserved colour signatures, which no edit of any dataset touches; the layout is the VQAv2-style one
+``test_vllm_edit.py --general`` reads (``question``, ``image`` relative to the file, ``answers``).
+
+Dataset records have exactly the keys of the real data (:data:`RECORD_KEYS`, plus ``port_new`` in
+SYNTH-VLKEB); image paths are
 relative to the dataset's image root (``easy-edit-mm/images`` or ``VLKEB/mmkb_images``).
 Train and eval use disjoint entity sets, and ``m_loc`` images come from a third pool of
 entities that is never edited and whose colour signatures no edited entity has
@@ -152,7 +173,7 @@ try:  # tqdm is optional: progress output only
 except ImportError:  # pragma: no cover
     _tqdm = None
 
-FORMAT_VERSION = 9  # bump whenever the generated content changes: stale worlds are regenerated
+FORMAT_VERSION = 10  # bump whenever the generated content changes: stale worlds are regenerated
 MANIFEST = "world.json"
 
 RECORD_KEYS = (
@@ -173,6 +194,8 @@ DATASET_FILES = {
     "vlkeb_val": ("VLKEB/val.json", "VLKEB/mmkb_images"),
 }
 PRETRAIN_FILES = {"train": "pretrain/train.json", "heldout": "pretrain/heldout.json"}
+GENERAL_FILE = "general/vqa_general.json"
+GENERAL_RENDER = 1000  # render index of the general set's images: never pretrained, never a dataset's
 
 VQA_SUFFIX = " The answer is:"
 NQ_PREFIX = "nq question: "
@@ -254,6 +277,18 @@ VLKEB_QUESTIONS = {
     ),
 }
 VLKEB_CITY_FRACTION = 0.75
+# Portability questions (asked about the edit image after a SYNTH-VLKEB edit) and the hop they use.
+PORT_QUESTIONS = {
+    "emblem_color": ("What color is the emblem of the city in the image?",
+                     "Which color does the emblem of the city shown in the picture have?"),
+    "emblem_shape": ("What shape is the emblem of the city in the image?",
+                     "Which shape does the emblem of the city shown in the picture have?"),
+    "flag": ("What color is the flag of the country in the image?",
+             "Which color does the flag of the country shown in the picture have?"),
+}
+PORT_EDIT_QUESTIONS = {"emblem_color": "What color is the emblem of {}?",
+                       "emblem_shape": "What shape is the emblem of {}?",
+                       "flag": "What color is the flag of {}?"}
 
 _SYL_START = ("bar", "cal", "dor", "el", "fen", "gal", "har", "ist", "jor", "kel", "lor", "mar",
               "nor", "or", "pel", "quin", "ros", "sal", "tor", "ul", "val", "wen", "yar", "zel")
@@ -505,6 +540,25 @@ def vlkeb_answer(world: World, e: Entity, qtype: str) -> str:
     raise ValueError(f"unknown VLKEB question type {qtype!r}; expected one of {VLKEB_TYPES}")
 
 
+def portability_item(world: World, e: Entity, qtype: str, alt: str, rng: random.Random) -> dict:
+    """The one-hop portability question of a SYNTH-VLKEB edit of ``e`` (question type ``qtype``, new
+    answer ``alt``), in VLKEB's ``port_new`` item schema. Its answer is an attribute of the new city's
+    emblem or the new country's flag, chosen so that it is not what the unedited picture shows: the
+    emblem's colour unless that is one of the image's colours, else the emblem's shape (when it
+    differs from the pictured shape); the flag's colour always differs from the background."""
+    if qtype == "city":
+        shape, color = next(k for k, v in world.cities.items() if v == alt).split("|")
+        kind, answer = ("emblem_color", color)
+        if color in e.signature and shape != e.shape:
+            kind, answer = ("emblem_shape", shape)
+    elif qtype == "country":
+        kind, answer = "flag", next(k for k, v in world.countries.items() if v == alt)
+    else:
+        raise ValueError(f"unknown VLKEB question type {qtype!r}; expected one of {VLKEB_TYPES}")
+    return {"port_edit_q": PORT_EDIT_QUESTIONS[kind].format(alt), "port_edit_a": answer,
+            "port_q": rng.choice(PORT_QUESTIONS[kind]), "port_a": answer}
+
+
 # ----------------------------------------------------------------------------- rendering
 
 def _unit_polygon(shape: str) -> list[tuple[float, float]]:
@@ -634,6 +688,7 @@ class WorldConfig:
     n_heldout_renders: int = 500  # dataset renders sampled into pretrain/heldout.json
     image_size: int = 64
     entities_per_signature: int = 8  # entities per colour signature, one per shape (1..8)
+    n_general: int = 1000  # questions of the general-capability VQA set (general/vqa_general.json)
 
     def validate(self) -> None:
         for f in fields(self):
@@ -642,7 +697,7 @@ class WorldConfig:
                 raise TypeError(f"WorldConfig.{f.name} must be an int, got {v!r}")
         if self.seed < 0:
             raise ValueError(f"WorldConfig.seed must be >= 0, got {self.seed}")
-        for name in ("n_train", "n_eval", "n_val", "n_loc", "pretrain_renders"):
+        for name in ("n_train", "n_eval", "n_val", "n_loc", "pretrain_renders", "n_general"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.extra_entities < -1:
@@ -842,6 +897,8 @@ class _Builder:
         cities = sorted(set(w.cities.values()))
         countries = sorted(set(w.countries.values()))
         nm = self._nm_rng("vlkeb", split)
+        # portability questions draw from a stream of their own: every other field stays as in format 9
+        port_rng = random.Random(f"{self.cfg.seed}:port:{split}")
         recs = []
         for idx in self._cycle(pool, n):
             e = self.ents[idx]
@@ -860,8 +917,29 @@ class _Builder:
                 "m_loc": m_loc,
                 "m_loc_q": rng.choice(VLKEB_QUESTIONS[mqt]),
                 "m_loc_a": vlkeb_answer(w, le, mqt),
+                "port_new": [portability_item(w, e, qt, alt, port_rng)],
             })
         return recs
+
+    # -- general capability -------------------------------------------------------------
+    def general(self) -> list[dict]:
+        """The general-capability VQA set: ``n_general`` (entity, question type) pairs drawn among the
+        pretrained entities with reserved signatures (never edited, nor any entity sharing their
+        colours), each asked with one of the entity's trained templates about a fresh render. Call
+        after :meth:`pretrain`; its images are never sampled into the held-out set."""
+        rng = random.Random(f"{self.cfg.seed}:general")
+        reserved = set(self.reserved)
+        pool = sorted(i for i in set(self.loc) | set(self.extra) if self.ents[i].signature in reserved)
+        pairs = [(i, qt) for i in pool for qt in VQA_TYPES]
+        out = []
+        for idx, qt in sorted(rng.sample(pairs, min(self.cfg.n_general, len(pairs)))):
+            e = self.ents[idx]
+            rel = f"images/{e.id}_{GENERAL_RENDER}.png"
+            self._need(idx, GENERAL_RENDER, f"general/{rel}", more=True)
+            question = rng.choice(entity_templates(idx, VQA_QUESTIONS[qt])[1])
+            out.append({"question_id": len(out), "question": question, "image": rel,
+                        "answers": [vqa_answer(e, qt)], "entity": e.id, "question_type": qt})
+        return out
 
     # -- pretraining corpus -------------------------------------------------------------
     def _examples(self, rng: random.Random, e: Entity, mm_path: str, kb_path: str,
@@ -986,6 +1064,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
     b._val_images = True  # after pretrain(): the held-out set never samples val renders
     datasets.update({"evqa_val": b.evqa("val", b.val, cfg.n_val), "eic_val": b.eic("val", b.val, cfg.n_val),
                      "vlkeb_val": b.vlkeb("val", b.val, cfg.n_val)})
+    general = b.general()
 
     # Render every needed (entity, k) once; write its bytes to every path that uses it.
     renders = {key: list(ps) for key, ps in b.renders.items()}
@@ -1020,6 +1099,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
     _dump_lines(root / PRETRAIN_FILES["train"], pre_train)
     _dump_lines(root / PRETRAIN_FILES["heldout"], pre_held)
     _dump_lines(root / "entities.json", b.entities_table())
+    _dump_lines(root / GENERAL_FILE, general)
 
     manifest = {
         "format": "liveedit-synthetic-world",
@@ -1030,6 +1110,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
                             "records": len(recs)} for name, recs in datasets.items()},
         "pretrain": {"train": {"file": PRETRAIN_FILES["train"], "examples": len(pre_train)},
                      "heldout": {"file": PRETRAIN_FILES["heldout"], "examples": len(pre_held)}},
+        "general": {"file": GENERAL_FILE, "questions": len(general), "render": GENERAL_RENDER},
         "entities": {"total": len(b.ents), "train": len(b.train), "eval": len(b.eval), "val": len(b.val),
                      "loc": len(b.loc), "extra": len(b.extra), "file": "entities.json",
                      "signatures": len({e.signature for e in b.ents}),
@@ -1217,6 +1298,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, default=d.image_size, help="image side in pixels")
     p.add_argument("--entities_per_signature", type=int, default=d.entities_per_signature,
                    help="entities per colour signature (shape colour, background, frame)")
+    p.add_argument("--n_general", type=int, default=d.n_general,
+                   help="questions of the general-capability VQA set")
     p.add_argument("--workers", type=int, default=2, help="rendering processes")
     p.add_argument("--force", action="store_true", help="regenerate even if the world is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -1228,7 +1311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval, n_loc=a.n_loc,
                       pretrain_renders=a.pretrain_renders, extra_entities=a.extra_entities,
                       n_heldout_renders=a.n_heldout_renders, image_size=a.image_size,
-                      entities_per_signature=a.entities_per_signature)
+                      entities_per_signature=a.entities_per_signature, n_general=a.n_general)
     t0 = time.perf_counter()
     try:
         cfg.validate()

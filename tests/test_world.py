@@ -111,7 +111,9 @@ def test_schema_and_paths(small_world):
     for name, recs, img_root in _datasets(small_world):
         assert len(recs) == sizes[name.split("_")[1]], name
         for r in recs:
-            assert tuple(sorted(r)) == tuple(sorted(W.RECORD_KEYS)), (name, r)
+            # SYNTH-VLKEB adds VLKEB's one-hop portability list (format 10)
+            extra = {"port_new"} if name.startswith("vlkeb") else set()
+            assert set(r) == set(W.RECORD_KEYS) | extra, (name, r)
             for key in W.RECORD_KEYS:
                 assert isinstance(r[key], str) and r[key].strip() == r[key] and r[key], (name, key)
             for key in ("image", "image_rephrase", "m_loc"):
@@ -199,6 +201,48 @@ def test_answers_true_and_alt_plausible(small_world):
         for r in recs:
             q = r["loc"].removeprefix("nq question: ")
             assert facts[q] == r["loc_ans"]  # a trained template of the fact
+
+
+def test_vlkeb_portability_follows_from_the_edit_only(small_world):
+    """Each SYNTH-VLKEB record's port question asks an attribute of the NEW city's emblem / country's
+    flag (the hop), which is never what the unedited picture answers."""
+    ents = _entities(small_world)
+    world = W.build_world(0)
+    emblem = {city: pair.split("|") for pair, city in world.cities.items()}   # city -> (shape, colour)
+    flag = {country: colour for colour, country in world.countries.items()}
+    for name in ("vlkeb_train", "vlkeb_eval", "vlkeb_val"):
+        for r in W.load_dataset(small_world, name)[0]:
+            e = ents[_eid(r["image"])]
+            (item,) = r["port_new"]
+            assert set(item) == {"port_edit_q", "port_edit_a", "port_q", "port_a"}
+            assert item["port_a"] == item["port_edit_a"] and r["alt"] in item["port_edit_q"]
+            kind = next(k for k, qs in W.PORT_QUESTIONS.items() if item["port_q"] in qs)
+            if r["pred"] == e["city"]:
+                shape, colour = emblem[r["alt"]]
+                if kind == "emblem_color":
+                    assert item["port_a"] == colour and (colour not in _sig(e) or shape == e["shape"])
+                else:
+                    assert kind == "emblem_shape" and item["port_a"] == shape != e["shape"]
+                    assert colour in _sig(e)
+            else:
+                assert kind == "flag" and item["port_a"] == flag[r["alt"]] != e["background"]
+
+
+def test_general_set_is_untouched_by_edits(small_world):
+    ents = _entities(small_world)
+    m = W.read_manifest(small_world)
+    general = json.loads((small_world / W.GENERAL_FILE).read_text())
+    assert m["general"]["questions"] == len(general) > 0
+    edited = {_sig(ents[_eid(r["image"])]) for _, recs, _ in _datasets(small_world) for r in recs}
+    pretrained_images = {ex["image"] for ex in W.load_pretrain(small_world, "train")}
+    for q in general:
+        e = ents[q["entity"]]
+        assert e["reserved"] and _sig(e) not in edited
+        assert (small_world / "general" / q["image"]).is_file()
+        assert ("general/" + q["image"]) not in pretrained_images
+        qtype = q["question_type"]
+        assert q["question"] in W.VQA_QUESTIONS[qtype] and q["answers"] == [e[qtype]]
+    assert len({(q["entity"], q["question_type"]) for q in general}) == len(general)
 
 
 def test_render_shows_its_colours():

@@ -33,6 +33,11 @@ for _name, _layout in _LAYOUTS.items():
               "image_root": f"synthetic/{_layout['image_root']}"}
     DATASETS.register(f"SYNTH-{_name}", DatasetSpec(name=f"SYNTH-{_name}", synthetic=True, **_synth))
 
+# VLKEB's portability files: the VLKEB schema plus ``port_new`` (scored as Port); evaluation only.
+for _name, _file in (("VLKEB-ONEHOP", "VLKEB/eval_edit_onehop.json"), ("VLKEB-MULTIHOP", "VLKEB/eval_multihop.json")):
+    DATASETS.register(_name, DatasetSpec(name=_name, files={"eval": _file}, image_root="VLKEB/mmkb_images",
+                                         vqa_prompts=False))
+
 # Names as the reference implementation spells them.
 DATASET_ALIASES = {"E-VQA": "EVQA", "E-IC": "EIC"}
 

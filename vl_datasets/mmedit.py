@@ -1,7 +1,10 @@
 """Loaders for the shared MMEdit / VLKEB JSON schema (E-VQA, E-IC, VLKEB and their synthetic twins).
 
 Schema: a list of records with keys ``src, rephrase, pred, alt, image, image_rephrase, loc, loc_ans,
-m_loc, m_loc_q, m_loc_a``; image paths are relative to the dataset's image root.
+m_loc, m_loc_q, m_loc_a``; image paths are relative to the dataset's image root. VLKEB's portability
+files (``eval_edit_onehop.json``, ``eval_multihop.json``) and SYNTH-VLKEB add ``port_new``: a list of
+``{port_q, port_a, port_edit_q, port_edit_a}``; ``port_q`` is asked about the edit image after the
+edit and its answer ``port_a`` is scored as Port (the prompt as is, like ``src``).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +52,24 @@ def answer_prompt(question: str) -> str:
     return f"{question} The answer is:"
 
 
+PORT_KEYS = ("port_q", "port_a")
+
+
+def portability_samples(raw: dict, index: int, image: str, where: str) -> tuple[Sample, ...]:
+    """The Port samples of a record: one per ``port_new`` item (none when the key is absent)."""
+    items = raw.get("port_new")
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise UserError(f"{where}: record {index} key 'port_new' must be a list, got {type(items).__name__}")
+    out = []
+    for j, item in enumerate(items):
+        if not isinstance(item, dict) or any(not isinstance(item.get(k), str) for k in PORT_KEYS):
+            raise UserError(f"{where}: record {index} port_new[{j}] needs string keys {', '.join(PORT_KEYS)}")
+        out.append(Sample(item["port_q"], item["port_a"], image))
+    return tuple(out)
+
+
 def record_from_json(spec: DatasetSpec, raw: dict, index: int, image_root: Path, where: str) -> EditRecord:
     if not isinstance(raw, dict):
         raise UserError(f"{where}: record {index} is not a JSON object")
@@ -84,6 +105,7 @@ def record_from_json(spec: DatasetSpec, raw: dict, index: int, image_root: Path,
         text_loc=Sample(f"{raw['loc']}?", raw["loc_ans"], None),
         image_loc=Sample(answer_prompt(raw["m_loc_q"]), raw["m_loc_a"], images["m_loc"]),
         pred=None if raw["pred"] is None else str(raw["pred"]),
+        portability=portability_samples(raw, index, images["image"], where),
     )
 
 

@@ -25,6 +25,9 @@ class EditRecord:
     text_loc: Sample        # T-Loc: unrelated text-only question
     image_loc: Sample       # M-Loc: unrelated image and question
     pred: str | None = None  # the unedited model's answer as given by the dataset
+    # Port: questions about the edit image whose answers follow from the edit (VLKEB ``port_new``);
+    # any number, often none
+    portability: tuple[Sample, ...] = ()
 
     def samples(self):
         """The five samples by metric name, in report order."""

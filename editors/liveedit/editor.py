@@ -385,6 +385,10 @@ class LiveEdit(BaseEditor):
                 "num_layers": bb.num_layers, "n_vision_tokens": bb.n_vision_tokens,
                 "config": self.config.architecture(), "weights": self.weights_digest()}
 
+    def state_bytes(self) -> int:
+        """The filled part of the expert repository (features and low-rank experts)."""
+        return len(self.repository) * self.repository.bytes_per_expert()
+
     def save_state(self, directory: Path) -> None:
         self.repository.save(directory, self.fingerprint())
 

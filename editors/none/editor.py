@@ -21,3 +21,6 @@ class NoneEditor(BaseEditor):
 
     def restore(self) -> None:
         self.n_edits = 0
+
+    def state_bytes(self) -> int:
+        return 0
