@@ -65,7 +65,7 @@ def test_config_is_strict(tmp_path):
                  "locality_reference: original", "locality_reference: edited"),
              r"lte.lora_rank: expected > 0, got -2": re.sub(r"lora_rank: \d+", "lora_rank: -2", good),
              r"lte.threshold: expected a cosine": re.sub(r"threshold: \S+", "threshold: 1.5", good),
-             rr"train\.lr: expected float": re.sub(r"\blr: \S+", "lr: 1e-3", good)}
+             r"train\.lr: expected float": re.sub(r"\blr: \S+", "lr: 1e-3", good)}
     for message, text in cases.items():
         path = tmp_path / "c.yaml"
         path.write_text(text)
