@@ -6,7 +6,7 @@ the queries of every record edited so far,
 - how often the record's own expert passes, and the share of the soft-routing weight it gets;
 - for M-Loc images, how often any expert passes (a leak: the unedited model is changed).
 
-    python scripts/routing_stats.py -mn tiny-blip2 -dn SYNTH-EVQA --split val -ckpt records/liveedit/.../run \\
+    python -m scripts.routing_stats -mn tiny-blip2 -dn SYNTH-EVQA --split val -ckpt records/liveedit/.../run \\
         --points 10,100,1000
 
 Errors of a growing repository come either from experts leaking into unrelated images (M-Loc falls,
@@ -17,11 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import UserError, cli_main
 
 KINDS = (("Rel", "edit"), ("M-Gen", "image_rephrase"), ("M-Loc", "image_loc"))
 

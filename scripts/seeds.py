@@ -1,19 +1,15 @@
 """Error bars: train (trainable editors) and evaluate an editor once per seed; report mean ± std.
 
-    python scripts/seeds.py -en liveedit -mn tiny-blip2 -dn SYNTH-EVQA --seeds 0,1,2 --eval_at 100,1000
-    python scripts/seeds.py -en liveedit -mn tiny-blip2 -dn SYNTH-EVQA --seeds 0,1,2 -sen 100 --split val
+    python -m scripts.seeds -en liveedit -mn tiny-blip2 -dn SYNTH-EVQA --seeds 0,1,2 --eval_at 100,1000
+    python -m scripts.seeds -en liveedit -mn tiny-blip2 -dn SYNTH-EVQA --seeds 0,1,2 -sen 100 --split val
 
 For each seed: ``train_vllm_editor.py -rs SEED`` (initialisation, data order and the editor's random
 choices), then ``test_vllm_edit.py -enp seedSEED --seed SEED``; finished runs are reused, interrupted
 ones resumed. Writes records/seeds/<editor>/<backbone>/<split>/<dataset>/<mode>/seeds_<...>/summary.{json,md}.
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import UserError, cli_main
 
 
 class _Parser(argparse.ArgumentParser):
