@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="scripts/seeds.py", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m scripts.seeds", description=__doc__.split("\n\n")[0])
     p.add_argument("-en", "--editor_name", required=True)
     p.add_argument("-mn", "--edit_model_name", required=True)
     p.add_argument("-dn", "--data_name", required=True, help="evaluation dataset (and training set by default)")
