@@ -78,7 +78,7 @@ def test_config_keys_types_and_ranges_are_checked(tmp_path):
     with pytest.raises(UserError, match="max_steps must be >= 1, got -1"):
         load_config(LEMoEConfig, "lemoe", "tiny-blip2", tmp_path / "b.yaml")
     (tmp_path / "c.yaml").write_text(text.replace("train_router_keys: true", "train_router_keys: 1"))
-    with pytest.raises(UserError, match="train_router_keys must be bool, got 1"):
+    with pytest.raises(UserError, match="train_router_keys: expected bool, got 1"):
         load_config(LEMoEConfig, "lemoe", "tiny-blip2", tmp_path / "c.yaml")
     (tmp_path / "d.yaml").write_text(text.replace("seed: 0", ""))
     with pytest.raises(UserError, match="missing key 'seed'"):

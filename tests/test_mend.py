@@ -75,11 +75,11 @@ def test_config_keys_and_values_are_checked(tmp_path, load_tiny):
     cases = {"unknown key 'rnak'": good.replace("rank:", "rnak:"),
              "missing key 'descent'": good.replace("descent:", "# descent:"),
              "mend.rank: expected a positive integer, got -1": re.sub(r"\brank: \d+", "rank: -1", good),
-             r"train\.lr: expected float": re.sub(r"\blr: \S+", "lr: 1e-3", good),
+             "train.lr: expected float": re.sub(r"\blr: \S+", "lr: 1e-3", good),
              "mend.init_edit_lr: expected > 0": re.sub(r"init_edit_lr: \S+", "init_edit_lr: -1.0", good),
              "mend.accumulate: expected one of sum, mean_ref": good.replace("accumulate: sum", "accumulate: avg"),
              "mend.projections": good.replace("[input, output]", "[input, hidden]"),
-             "mend.norm: expected true or false": good.replace("norm: true", "norm: 1")}
+             ".norm: expected bool, got 1": good.replace("norm: true", "norm: 1")}
     for message, text in cases.items():
         path = tmp_path / "c.yaml"
         path.write_text(text)

@@ -329,7 +329,7 @@ def test_config_is_strict(tmp_path):
              "missing key 'hinge'": good.replace("hinge:", "# hinge:"),
              r"train\.lr: expected float, got '1e-3'": re.sub(r"\blr: \S+", "lr: 1e-3", good),
              r"recipe.rep_dim: expected > 0, got -4": re.sub(r"rep_dim: \d+", "rep_dim: -4", good),
-             r"recipe.drop_image: expected bool": good.replace("drop_image: false", "drop_image: 'no'"),
+             r"\.drop_image: expected bool": good.replace("drop_image: false", "drop_image: 'no'"),
              r"recipe.loss_weights.loc: expected >= 0": good.replace("  loc: 1.0", "  loc: -1.0")}
     for message, text in cases.items():
         path = tmp_path / "c.yaml"

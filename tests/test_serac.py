@@ -95,9 +95,9 @@ def test_config_keys_and_values_are_checked(tmp_path, load_tiny, monkeypatch):
              "missing key 'anchor_in_scope'": good.replace("anchor_in_scope:", "# anchor_in_scope:"),
              "serac.classifier.hidden: expected a positive integer": good.replace("hidden: 128", "hidden: -8", 1),
              "serac.classifier: hidden=128 is not divisible by heads=3": good.replace("heads: 4", "heads: 3"),
-             r"train\.lr: expected float": re.sub(r"\blr: \S+", "lr: 1e-4", good),
+             "train.lr: expected float": re.sub(r"\blr: \S+", "lr: 1e-4", good),
              "serac.loss_weights.scope: expected >= 0": good.replace("scope: 1.0", "scope: -1.0"),
-             "serac.anchor_in_scope: expected true or false": good.replace("anchor_in_scope: true", "anchor_in_scope: 1"),
+             ".anchor_in_scope: expected bool, got 1": good.replace("anchor_in_scope: true", "anchor_in_scope: 1"),
              "serac.classifier.hidden: the pretrained model 'bert' fixes it":
                  good.replace("pretrained: null           # null: a tiny BertModel", "pretrained: bert #", 1)}
     for message, text in cases.items():

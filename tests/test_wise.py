@@ -75,7 +75,7 @@ def test_config_keys_types_and_ranges_are_checked(tmp_path):
     text = (ROOT / "configs/wise/tiny-blip2.yaml").read_text()
     cases = [("mode: merge", "mode: merged", "mode must be merge or retrieve, got 'merged'"),
              ("mask_ratio: 0.2", "mask_ratio: -0.2", r"mask_ratio must be in \(0, 1\], got -0.2"),
-             ("steps: ", "steps: 2.5 #", "steps must be int, got 2.5"),
+             ("steps: ", "steps: 2.5 #", "steps: expected int, got 2.5"),
              ("seed: 0", "seed: 0\nretrieve: true", "unknown key 'retrieve'")]
     for i, (old, new, message) in enumerate(cases):
         assert old in text
