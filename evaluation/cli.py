@@ -14,7 +14,7 @@ import torch
 from utils.GLOBAL import DATA_DIR, RECORDS_DIR
 from utils.devices import check_available, default_device, parse_device
 from utils.errors import CliParser, UserError
-from utils.locks import claim_folder
+from utils.locks import LOCK_FILE, claim_folder
 from utils.paths import check_folder_name, check_writable_root
 
 
@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
 
     # ---- claim the folder, load, then write ----------------------------------------------------
     lock = claim_folder(store.dir, "evaluation run folder")
-    produced = False
+    started = False   # this process wrote the run's first files (run.json, config.yaml)
     for line in notes:   # the folder is ours now: nothing below is a refusal of the input
         print(line, file=sys.stderr)
     try:
@@ -229,12 +229,12 @@ def main(argv=None) -> dict:
             load_checkpoint(editor, weights)
         if not resumed:
             full_args = {**vars(args), "device": device}
+            started = True
             store.start(identity, full_args, {"run": identity, "device": device, "editor_config": to_dict(config),
                                                "editor_config_source": str(Path(config_source).resolve()),
                                                "backbone": {"name": backbone_name, "num_layers": backbone.num_layers,
                                                             "hidden_size": backbone.hidden_size}})
         done_names = set(store.done_stages([s.name for s in stages]))
-        produced = resumed or bool(done_names)
         if resumed:
             print(f"resuming {store.dir}: {len(done_names)} of {len(stages)} "
                   f"{'chunks' if mode == 'sequential' else 'points'} already done", file=sys.stderr)
@@ -261,10 +261,12 @@ def main(argv=None) -> dict:
         table = markdown_table(means)
         write_table(store.dir, table)
     except BaseException:
-        # nothing worth keeping (no finished stage): leave no run behind, so the corrected command
-        # is not refused as "another run's folder"
-        if not produced and not any(store.stage_path(s.name).is_file() for s in stages):
-            lock.discard()
+        # A run this process started that finished no stage is worth nothing: leave none behind, so
+        # that the corrected command is not refused as "another run's folder".
+        if started and not any(store.stage_path(s.name).is_file() for s in stages):
+            store.discard_run()
+        if lock.created and {p.name for p in store.dir.iterdir()} <= {LOCK_FILE}:
+            lock.discard()   # the folder (and its parents) this claim made
         raise
     finally:
         lock.release()

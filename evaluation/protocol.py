@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from backbones.fingerprint import check_same_backbone
 from evaluation.results import RunStore, summarise
 from evaluation.scoring import LOCALITY, METRICS, PORT, run_samples, sample_scores
@@ -65,7 +67,7 @@ def check_saved_states(load_dir: Path, stages: list[Stage], records, editor_name
         meta_path = Path(load_dir) / s.name / EDIT_META
         if not meta_path.is_file():
             raise UserError(f"--load_edited_state: no saved state {meta_path} for {s.name}")
-        meta = read_json(meta_path)
+        meta = read_json(meta_path, "--load_edited_state meta")
         want = [records[p].index for p in edited_so_far(s, stages)]
         if (meta.get("editor"), meta.get("backbone")) != (editor_name, backbone):
             raise UserError(f"--load_edited_state: {meta_path} was saved by editor {meta.get('editor')!r} on "
@@ -74,6 +76,12 @@ def check_saved_states(load_dir: Path, stages: list[Stage], records, editor_name
         if meta.get("record_indices") != want:
             raise UserError(f"--load_edited_state: {meta_path} holds edits of other records than this run's "
                             f"{s.name} (check -sen/--eval_at, -dsn, --shuffle/--seed)")
+        for weights in sorted((Path(load_dir) / s.name).glob("*.safetensors")):   # headers: found before any write
+            try:
+                with safe_open(str(weights), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"--load_edited_state: {weights} is not a readable safetensors file ({e})") from None
 
 
 def _samples(records, positions):
@@ -140,8 +148,12 @@ def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch
                 continue
             if load_dir is not None:
                 editor.restore()
-                editor.load_state(Path(load_dir) / s.name)
-                saved = read_json(Path(load_dir) / s.name / EDIT_META)["edit_times"]
+                try:
+                    editor.load_state(Path(load_dir) / s.name)
+                except SafetensorError as e:   # a damaged state file: one line, as for every bad input
+                    raise UserError(f"--load_edited_state: {Path(load_dir) / s.name} holds an unreadable "
+                                    f"safetensors file ({e})") from None
+                saved = read_json(Path(load_dir) / s.name / EDIT_META, "--load_edited_state meta")["edit_times"]
                 new_times = saved[len(saved) - len(s.edit_positions):] if s.edit_positions else []
                 if progress is not None:
                     progress.update(len(s.edit_positions))

@@ -82,6 +82,14 @@ class RunStore:
         write_json(self.dir / RUN_FILE, {"identity": identity, "args": args})
         write_yaml(self.dir / CONFIG_FILE, config)
 
+    def discard_run(self):
+        """Remove the files of a run that finished no stage (written by ``start``), nothing else."""
+        for name in (RUN_FILE, CONFIG_FILE):
+            (self.dir / name).unlink(missing_ok=True)
+        stages = self.dir / STAGE_DIR
+        if stages.is_dir() and not any(stages.iterdir()):
+            stages.rmdir()
+
     def stage_path(self, name: str) -> Path:
         return self.dir / STAGE_DIR / f"{name}.json"
 

@@ -158,6 +158,17 @@ def _locked_eval(c, lock_holder):
     return c.evaluate("--overwrite")
 
 
+def _corrupt_saved_state(c):
+    """A --load_edited_state folder whose metadata fits this run but whose weights file is garbage."""
+    for name, indices in (("chunk_00000", [0, 1]), ("chunk_00001", [0, 1, 2, 3][2:])):
+        folder = c.tmp / "states" / name
+        folder.mkdir(parents=True)
+        (folder / "edit_meta.json").write_text(json.dumps({"editor": "ft-l", "backbone": "tiny-blip2", "stage": name,
+                                                          "record_indices": indices, "edit_times": [0.1, 0.1]}))
+        (folder / "ft_l_state.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    return c.evaluate("--load_edited_state", str(c.tmp / "states"), editor="ft-l")
+
+
 def _corrupt_stage(c):
     run = c.eval_copy()
     (run / "mean_results.json").unlink()
@@ -258,6 +269,7 @@ CASES = {
     "eval load missing state": (lambda c: c.evaluate("--load_edited_state", str(c.tmp / "s"), editor="ft-l"),
                                 "no saved state"),
     "eval ft-l string lr": (_ftl_string_lr, "lr: expected float, got '1e-4'"),
+    "eval load a corrupt saved state": (_corrupt_saved_state, "ft_l_state.safetensors is not a readable safetensors"),
     # ---- eval: checkpoints
     "eval -ckpt for none": (lambda c: c.evaluate("-ckpt", str(c.tmp)), "is not trainable and takes no checkpoint"),
     "eval -ckpt missing": (lambda c: c.evaluate("-ckpt", str(c.tmp / "nope"), editor="liveedit"), "checkpoint not found"),

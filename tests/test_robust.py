@@ -447,3 +447,27 @@ def test_a_folder_turning_read_only_mid_run_is_one_line_and_keeps_finished_work(
     monkeypatch.setattr(results, "write_json", real_write)
     out = test_vllm_edit.main(argv)                             # space again: it resumes after chunk 0
     assert out["resumed"] and out["means"]["total"]["n_edits"] == 7
+
+
+def test_an_evaluation_that_fails_before_its_first_chunk_leaves_nothing(tiny_dirs, data_dir, tmp_path, monkeypatch):
+    from editors.none import NoneEditor
+
+    class Failing(NoneEditor):
+        def edit(self, request):
+            raise UserError("this editor cannot edit")
+    argv = ["-en", "none", "-mn", "tiny-blip2", "--model_path", str(tiny_dirs["blip2"]), "-dn", "EVQA",
+            "--data_dir", str(data_dir), "--records_dir", str(tmp_path / "rec"), "-sen", "4", "-dvc", "cpu"]
+    with monkeypatch.context() as m:
+        m.setitem(EDITORS._entries, "none", Failing)
+        with pytest.raises(SystemExit):
+            test_vllm_edit.main(argv)
+    assert not (tmp_path / "rec").exists()             # the folders the run created are gone again
+    run_dir = tmp_path / "rec" / "none" / "tiny-blip2" / "eval" / "EVQA" / "sequential_edit_4"
+    run_dir.mkdir(parents=True)
+    (run_dir / "mine.txt").write_text("someone's notes")
+    with monkeypatch.context() as m:
+        m.setitem(EDITORS._entries, "none", Failing)
+        with pytest.raises(SystemExit):
+            test_vllm_edit.main(argv)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "mine.txt"]   # only what the run wrote is gone
+    assert test_vllm_edit.main(argv)["means"]["total"]["n_edits"] == 7          # the corrected command runs
