@@ -11,4 +11,4 @@ test: setup
 	$(PYTHON) -m pytest
 
 demo: setup
-	$(PYTHON) scripts/demo.py
+	$(PYTHON) -m scripts.demo

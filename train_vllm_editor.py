@@ -5,25 +5,22 @@
     python train_vllm_editor.py -lkpt records/liveedit/blip2-opt-2.7b/EVQA/<run>/checkpoints/step_1000
 
 Writes ``records/<editor>/<backbone>/<dataset>/<run>/{config.yaml, checkpoints/step_<N>/, logs/train.jsonl}``
-and prints the final checkpoint, ready for ``python test_vllm_edit.py -ckpt PATH``. See
-``training/README.md``.
+and prints the final checkpoint, ready for ``python test_vllm_edit.py -ckpt PATH``. See the README.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from training.options import build_parser, resolve_options  # noqa: E402
-from utils.errors import cli_main  # noqa: E402
+from training.options import build_parser, resolve_options
+from utils.errors import cli_main
 
 
 @cli_main
 def main(argv=None):
-    """Parse ``argv`` (default: sys.argv), train, and return the TrainResult. A user error prints one
-    line and exits with code 2 (SystemExit), before anything is written."""
-    opts, ckpt, saved = resolve_options(build_parser().parse_args(argv))
+    """Parse ``argv`` (default: sys.argv), train, and return the TrainResult. Bad input or a failing
+    environment prints one ``error:`` line and exits with code 2 (SystemExit), before anything is written."""
+    args = build_parser().parse_args(argv)
+    opts, ckpt, saved = resolve_options(args)
+    from training.checkpoint import is_checkpoint_folder
     from training.loop import train
-    return train(opts, ckpt, saved)
+    # -lkpt naming the run folder means "its latest checkpoint", re-checked once the run is locked
+    return train(opts, ckpt, saved, resume_latest=ckpt is not None and not is_checkpoint_folder(args.load_ckpt_path))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from backbones.base import IGNORE, VLBackbone, VLBatch
 from backbones.blip2 import Blip2Backbone
+from backbones.fingerprint import backbone_fingerprint
 from backbones.llava import LlavaBackbone
 from backbones.minigpt4 import MiniGPT4Backbone
 from utils.GLOBAL import model_aliases, model_path_map
@@ -31,16 +32,27 @@ def resolve_backbone_name(name: str) -> str:
     return full
 
 
-def load_backbone(name: str, device: str = "cpu", model_path=None, dtype=None) -> VLBackbone:
-    """Load backbone ``name`` from ``model_path`` or its entry in ``model_path_map``. A tiny backbone
-    that is not on disk yet (or, at its default path, was built from another pretraining corpus or an
-    older recipe) is pretrained on the synthetic world first, then cached."""
+def backbone_path(name: str, model_path=None) -> Path:
+    """The weights folder of backbone ``name``: ``model_path`` or its entry in ``model_path_map``.
+    Nothing is built here (``synthetic.embedded.prepare_backbone`` builds a tiny default first)."""
     full = resolve_backbone_name(name)
-    path = Path(model_path) if model_path else Path(model_path_map[full])
-    if full in TINY_BACKBONES and (model_path is None or not (path / "config.json").is_file()):
-        from synthetic.pretrain import ensure_tiny_backbone
-        ensure_tiny_backbone(full, path)
-    return BACKBONES.get(full).load(full, path, device=device, dtype=dtype)
+    return Path(model_path) if model_path else Path(model_path_map[full])
 
 
-__all__ = ["BACKBONES", "IGNORE", "VLBackbone", "VLBatch", "load_backbone", "resolve_backbone_name"]
+def load_backbone(name: str, device: str = "cpu", model_path=None, dtype=None) -> VLBackbone:
+    """Load backbone ``name`` from ``model_path`` or its entry in ``model_path_map``; ``.fingerprint``
+    identifies its weights. Nothing is built here: the scripts first call
+    ``synthetic.embedded.prepare_backbone``, which pretrains a tiny backbone at its default path on
+    first use (the dependency goes synthetic -> backbones only)."""
+    full = resolve_backbone_name(name)
+    path = backbone_path(full, model_path)
+    if full in TINY_BACKBONES and model_path is None and not (path / "config.json").is_file():
+        raise UserError(f"tiny backbone {full} is not built yet at {path}; build it with "
+                        f"`python -m synthetic.pretrain --backbone {full}` (the main scripts do it on first use)")
+    backbone = BACKBONES.get(full).load(full, path, device=device, dtype=dtype)
+    backbone.fingerprint = backbone_fingerprint(path)
+    return backbone
+
+
+__all__ = ["BACKBONES", "IGNORE", "VLBackbone", "VLBatch", "backbone_fingerprint", "backbone_path", "load_backbone",
+           "resolve_backbone_name"]

@@ -15,12 +15,15 @@ from typing import Callable, Sequence
 import torch
 
 from backbones.devices import PerDevice, module_device
+from backbones.sites import edits_by_layer
 from backbones.stacks import DecoderStack
 from vl_datasets.records import Sample, open_image
 
 IGNORE = -100
 
-# An edit at a decoder layer: f(hidden [B, L, D], batch) -> new hidden. Passed explicitly per call.
+# An edit at a named site of a decoder layer (backbones/sites.py): f(tensor, batch) -> new tensor.
+# Passed explicitly per call as ``layer_edits = {Site(component, layer) or layer index: f}``; an int
+# key is that layer's block output.
 LayerEdit = Callable[[torch.Tensor, "VLBatch"], torch.Tensor]
 
 
@@ -62,6 +65,7 @@ class VLBackbone:
 
     family = "base"
     image_token = "<image>"
+    fingerprint = None   # digest of the weights (backbones/fingerprint.py), set by load_backbone
 
     def __init__(self, name: str, model, processor, stack: DecoderStack, n_vision_tokens: int):
         self.name = name
@@ -108,6 +112,20 @@ class VLBackbone:
     def layer(self, i: int) -> torch.nn.Module:
         return self.stack.layers[i]
 
+    # ---- module sites (backbones/sites.py): what weight-editing editors may change --------------
+    def mlp_input_projections(self, i: int) -> list[torch.nn.Linear]:
+        """The FFN input projections of decoder layer ``i`` (OPT ``fc1``; Llama ``gate_proj``, ``up_proj``)."""
+        return self.stack.mlp_input_projections(i)
+
+    def mlp_output_projection(self, i: int) -> torch.nn.Linear:
+        """The FFN output projection of decoder layer ``i`` (OPT ``fc2``; Llama ``down_proj``)."""
+        return self.stack.mlp_output_projection(i)
+
+    def connector_parameters(self) -> list[torch.nn.Parameter]:
+        """The vision-language connector's weights: what maps vision-encoder outputs into the LLM's
+        input space (BLIP-2 / MiniGPT-4: Q-Former, query tokens, projection; LLaVA: the projector)."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         """Where batches are built: the input embeddings' device (of a split model: its first one)."""
@@ -149,6 +167,18 @@ class VLBackbone:
         """Encode samples into one right-padded batch (images opened here, lazily)."""
         rows = [self.tokenize(s.prompt, s.image is not None, s.target if with_targets else None)
                 for s in samples]
+        paths = [s.image for s in samples if s.image is not None]
+        pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
+        return self.collate(samples, rows, pixels)
+
+    def encode_continuations(self, samples: Sequence[Sample], continuations: Sequence[Sequence[int]]) -> VLBatch:
+        """Each sample's generation context (what ``generate`` starts from) followed by the given
+        token ids as its target: teacher forcing on it tells whether greedy decoding would produce
+        exactly those tokens."""
+        rows = []
+        for s, cont in zip(samples, continuations):
+            ctx, n = self.tokenize(s.prompt, s.image is not None, None)
+            rows.append((tuple(ctx) + tuple(cont), n))
         paths = [s.image for s in samples if s.image is not None]
         pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
         return self.collate(samples, rows, pixels)
@@ -198,17 +228,17 @@ class VLBackbone:
     # ---- running the LLM ----------------------------------------------------------------------
     def _run(self, batch: VLBatch, start: int, stop: int, hidden=None, layer_edits=None):
         """Run decoder layers ``start..stop-1`` from ``hidden`` (the output of layer ``start-1``, or
-        the input embeddings when ``start`` is 0), applying ``layer_edits[i]`` to layer i's output.
-        Each layer runs on its own device (``backbones/devices.py``); ``layer_edits[i]`` gets the
-        hidden state and the batch on layer i's device."""
+        the input embeddings when ``start`` is 0), applying the ``layer_edits`` of each layer's
+        named sites (``backbones/sites.py``). Each layer runs on its own device
+        (``backbones/devices.py``); its edits get the tensor and the batch on that device."""
         dev = self.device   # where the embeddings (and the stack's position modules) are
         h0, kwargs = self.stack.prepare(batch.inputs_embeds.to(dev), batch.attention_mask.to(dev))
         h, kwargs = (h0 if hidden is None else hidden), PerDevice(kwargs)
+        per_layer = edits_by_layer(layer_edits)
         for i in range(start, stop):
             dev = module_device(self.stack.layers[i])
-            h = self.stack.layers[i](h.to(dev), **kwargs.on(dev))
-            if layer_edits and i in layer_edits:
-                h = layer_edits[i](h, batch.to(h.device))
+            edits = per_layer.get(i, {})
+            h = self.stack.run_layer(i, h.to(dev), kwargs.on(dev), edits, batch.to(dev) if edits else batch)
         return h
 
     def logits(self, batch: VLBatch, layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:

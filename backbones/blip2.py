@@ -35,5 +35,10 @@ class Blip2Backbone(VLBackbone):
     def prefix_ids(self, has_image):
         return [self.image_token_id] * self.n_vision_tokens if has_image else []
 
+    def connector_parameters(self):
+        # BLIP-2 and MiniGPT-4: the Q-Former with its learned queries, then the linear projection
+        m = self.model
+        return [*m.qformer.parameters(), m.query_tokens, *m.language_projection.parameters()]
+
     def image_features(self, pixel_values):
         return self.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output

@@ -31,6 +31,9 @@ class LlavaBackbone(VLBackbone):
         image = f"{self.image_token * self.n_vision_tokens}\n" if has_image else ""
         return f"USER: {image}{prompt} ASSISTANT:"
 
+    def connector_parameters(self):
+        return list(self.model.model.multi_modal_projector.parameters())
+
     def image_features(self, pixel_values):
         cfg = self.model.config
         out = self.model.get_image_features(

@@ -3,24 +3,30 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoProcessor
 
+from utils.devices import check_available, parse_device
 from utils.errors import UserError
 
 
 def resolve_device(device: str):
-    """'cpu', 'cuda:N' or 'auto' -> (device for .to() or None, device_map or None)."""
+    """A device flag value (``utils.devices``: cpu, cuda:N, N or auto) -> (device for .to() or None,
+    device_map or None)."""
+    device = check_available(parse_device(device, "device", allow_auto=True), "device")
     if device == "auto":
-        if not torch.cuda.is_available():
-            return "cpu", None
-        return None, "auto"
-    if device == "cpu":
-        return "cpu", None
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} requested but CUDA is not available; use -dvc cpu")
-        return device, None
-    raise UserError(f"unknown device {device!r}; expected cpu, cuda:N or auto")
+        return ("cpu", None) if not torch.cuda.is_available() else (None, "auto")
+    return device, None
+
+
+def check_model_folder(path) -> Path:
+    """``path`` looks like a Hugging Face model folder (has config.json); checked before a run writes."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise UserError(f"no model at {path} ({what}); point utils/GLOBAL.py model_path_map "
+                        f"at your local weights or pass --model_path")
+    return path
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -34,10 +40,7 @@ def default_dtype(device: str) -> torch.dtype:
 
 def load_pretrained(model_class, path, device="cpu", dtype=None):
     """Load model and processor from a local folder; returns (model in eval mode, processor)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"no model at {path} (config.json missing); point utils/GLOBAL.py model_path_map "
-                        f"at your local weights or pass --model_path")
+    path = check_model_folder(path)
     target, device_map = resolve_device(device)
     if dtype is None:
         dtype = default_dtype("cpu" if target == "cpu" else "cuda")
@@ -46,7 +49,7 @@ def load_pretrained(model_class, path, device="cpu", dtype=None):
     try:
         model = model_class.from_pretrained(path, dtype=dtype, device_map=device_map)
         processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:   # missing, corrupt or mismatched files
         raise UserError(f"cannot load {model_class.__name__} from {path}: {e}") from None
     if target is not None:
         model = model.to(target)

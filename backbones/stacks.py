@@ -2,8 +2,15 @@
 layers, and what it does after the last one (``head``). Checked against the models' own forward in
 the tests (identical logits)."""
 import torch
+from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from backbones.sites import BLOCK_OUTPUT, MLP_ACTIVATION, MLP_INPUT, MLP_OUTPUT
+
+
+def _apply(edits: dict, component: str, x, batch):
+    fn = edits.get(component)
+    return x if fn is None else fn(x, batch)
 from backbones.devices import module_device
 
 
@@ -27,6 +34,25 @@ class DecoderStack:
     def head(self, hidden):
         raise NotImplementedError
 
+    def run_layer(self, i: int, hidden, kwargs: dict, edits: dict, batch):
+        """Decoder layer ``i`` on ``hidden`` with the activation-site ``edits`` of this layer
+        (``{component: f}``, see ``backbones/sites.py``). Without edits inside the layer the module
+        runs as it is; with them, its forward is spelled out so each site can be changed."""
+        inner = {c: f for c, f in edits.items() if c != BLOCK_OUTPUT}
+        layer = self.layers[i]
+        out = layer(hidden, **kwargs) if not inner else self._layer_forward(layer, hidden, kwargs, inner, batch)
+        return _apply(edits, BLOCK_OUTPUT, out, batch)
+
+    def _layer_forward(self, layer, hidden, kwargs, edits, batch):
+        raise NotImplementedError
+
+    # ---- module sites -------------------------------------------------------------------------
+    def mlp_input_projections(self, i: int) -> list[nn.Linear]:
+        raise NotImplementedError
+
+    def mlp_output_projection(self, i: int) -> nn.Linear:
+        raise NotImplementedError
+
 
 class OPTStack(DecoderStack):
     """OPT (BLIP-2 OPT-2.7B): learned positions added to the embeddings, final LayerNorm, head."""
@@ -48,6 +74,27 @@ class OPTStack(DecoderStack):
             hidden = _into(d.project_out, hidden)
         return _into(self.lm_head, hidden)
 
+    def _layer_forward(self, layer, hidden, kwargs, edits, batch):
+        # OPTDecoderLayer.forward, step by step (dropout is off: the backbone is in eval mode)
+        residual = hidden
+        h = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
+        h, _ = layer.self_attn(hidden_states=h, **kwargs)
+        h = residual + h
+        if not layer.do_layer_norm_before:
+            h = layer.self_attn_layer_norm(h)
+        residual = h
+        x = layer.final_layer_norm(h) if layer.do_layer_norm_before else h
+        x = _apply(edits, MLP_INPUT, x, batch)
+        a = _apply(edits, MLP_ACTIVATION, layer.activation_fn(layer.fc1(x)), batch)
+        h = residual + _apply(edits, MLP_OUTPUT, layer.fc2(a), batch)
+        return h if layer.do_layer_norm_before else layer.final_layer_norm(h)
+
+    def mlp_input_projections(self, i):
+        return [self.layers[i].fc1]
+
+    def mlp_output_projection(self, i):
+        return self.layers[i].fc2
+
 
 class LlamaStack(DecoderStack):
     """Llama / Vicuna (LLaVA-1.5, MiniGPT-4): rotary positions, final RMSNorm, head."""
@@ -65,6 +112,23 @@ class LlamaStack(DecoderStack):
 
     def head(self, hidden):
         return _into(self.lm_head, _into(self.decoder.norm, hidden))
+
+    def _layer_forward(self, layer, hidden, kwargs, edits, batch):
+        # LlamaDecoderLayer.forward and LlamaMLP.forward, step by step
+        residual = hidden
+        h, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **kwargs)
+        h = residual + h
+        mlp = layer.mlp
+        x = _apply(edits, MLP_INPUT, layer.post_attention_layernorm(h), batch)
+        a = _apply(edits, MLP_ACTIVATION, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), batch)
+        return h + _apply(edits, MLP_OUTPUT, mlp.down_proj(a), batch)
+
+    def mlp_input_projections(self, i):
+        mlp = self.layers[i].mlp
+        return [mlp.gate_proj, mlp.up_proj]
+
+    def mlp_output_projection(self, i):
+        return self.layers[i].mlp.down_proj
 
 
 def stack_for_causal_lm(lm, prefix: str) -> DecoderStack:

@@ -6,7 +6,14 @@
   editors such as LiveEdit route here; weight-editing editors return ``{}``);
 - for trainable editors: ``trainable_parameters()`` and ``training_losses(records)`` for the shared
   training loop, and ``load_trainable_state_dict`` for a trained checkpoint;
-- optionally ``save_state`` / ``load_state`` of what the edits produced.
+- optionally ``save_state`` / ``load_state`` of what the edits produced;
+- ``train(mode)`` / ``eval()``, as on ``nn.Module``: the training loop calls ``train()``, evaluation
+  calls ``eval()`` before anything is scored. Editors with dropout or other train-time behaviour
+  override ``train``; the defaults do nothing.
+
+Evaluation scores (``logits``, ``generate``) under ``torch.inference_mode()``, while ``edit()`` runs
+outside it (an editor may optimise during an edit). So ``logits`` / ``generate`` must not create state
+that a later ``edit()`` differentiates through: tensors made under inference mode cannot be.
 """
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +23,14 @@ import torch
 from backbones.base import LayerEdit, VLBackbone, VLBatch
 from utils.errors import UserError
 from vl_datasets.records import EditRecord, Sample
+
+
+def owner_metadata(editor: str, backbone: str, **extra) -> dict[str, str]:
+    """The safetensors metadata that names who a saved file belongs to (all values strings): an
+    editor's saved edited state, a trained checkpoint. Checked when it is loaded."""
+    meta = {"editor": editor, "backbone": backbone}
+    meta.update({k: str(v) for k, v in extra.items()})
+    return meta
 
 
 class BaseEditor:
@@ -37,6 +52,14 @@ class BaseEditor:
 
     def layer_edits(self) -> dict[int, LayerEdit]:
         return {}
+
+    # ---- modes ------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "BaseEditor":
+        """Switch the editor's own modules to training mode (``mode=False``: evaluation mode)."""
+        return self
+
+    def eval(self) -> "BaseEditor":
+        return self.train(False)
 
     # ---- inference through the edited model ------------------------------------------------------
     def logits(self, batch: VLBatch) -> torch.Tensor:

@@ -2,11 +2,12 @@
 
 A checkpoint is what ``train_vllm_editor.py`` writes (``training/checkpoint.py``: a folder
 ``.../checkpoints/step_<N>/`` holding ``trainable.safetensors``, or its run folder, meaning the latest
-step), or any safetensors file, or a folder holding one. Its owner is read from the safetensors metadata keys ``editor`` and ``backbone`` or, failing that,
-from a ``config.yaml`` beside the weights that names them (top-level keys ``editor`` / ``backbone``,
-or ``editor_name`` / ``edit_model_name``, possibly one level down, e.g. under ``run:``).
+step), or any safetensors file, or a folder holding one. Its owner is read from the safetensors
+metadata keys ``editor`` and ``backbone`` and from a ``config.yaml`` beside the weights that names
+them (top-level keys ``editor`` / ``backbone``, or ``editor_name`` / ``edit_model_name``, possibly one
+level down, e.g. under ``run:``); either may be missing, but when both name an owner they must agree.
 The training loop writes these keys into ``trainable.safetensors``; editors that save an edited state
-use :func:`checkpoint_metadata` for theirs.
+use ``editors.base.owner_metadata`` for theirs (``checkpoint_metadata`` here is the same function).
 
 The editor config a checkpoint was trained with is the top-level ``editor_config`` of that
 ``config.yaml`` (the training loop writes it into every ``step_<N>/`` folder and into the run folder);
@@ -14,9 +15,10 @@ The editor config a checkpoint was trained with is the top-level ``editor_config
 """
 from pathlib import Path
 
-import yaml
-
+from editors.base import owner_metadata
+from training.checkpoint import WEIGHTS_FILE, resolve_checkpoint
 from utils.errors import UserError
+from utils.io import read_yaml
 
 # In a folder with several weight files, the first of these names that exists is the checkpoint.
 PREFERRED_NAMES = ("checkpoint.safetensors", "editor.safetensors", "model.safetensors", "final.safetensors")
@@ -24,23 +26,15 @@ EDITOR_KEYS = ("editor", "editor_name")
 BACKBONE_KEYS = ("backbone", "edit_model_name")
 
 
-def checkpoint_metadata(editor: str, backbone: str, **extra) -> dict[str, str]:
-    """The safetensors metadata that names a checkpoint's owner (all values strings)."""
-    meta = {"editor": editor, "backbone": backbone}
-    meta.update({k: str(v) for k, v in extra.items()})
-    return meta
+checkpoint_metadata = owner_metadata   # the name evaluation used first; editors.base owns it
 
 
 def _training_layout(path: Path) -> Path | None:
     """The weights file of a checkpoint in the training loop's layout, if ``path`` is one."""
-    try:
-        from training.checkpoint import WEIGHTS_FILE, resolve_checkpoint
-    except ModuleNotFoundError:
+    if not (path / WEIGHTS_FILE).is_file() and not path.name == WEIGHTS_FILE \
+            and not any(path.glob("step_*")) and not any(path.glob("checkpoints/step_*")):
         return None
-    try:
-        return resolve_checkpoint(path) / WEIGHTS_FILE
-    except UserError:
-        return None
+    return resolve_checkpoint(path) / WEIGHTS_FILE
 
 
 def find_weights(path) -> Path:
@@ -75,10 +69,7 @@ def _pick(mapping: dict, keys) -> str | None:
 
 
 def _owner_from_config(config: Path):
-    try:
-        data = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read checkpoint config {config}: {e}") from None
+    data = read_yaml(config, "checkpoint config")
     if not isinstance(data, dict):
         return None, None
     candidates = [data] + [v for v in data.values() if isinstance(v, dict)]
@@ -99,13 +90,31 @@ def checkpoint_owner(path) -> tuple[str, str, Path]:
         raise UserError(f"checkpoint {weights} is not a readable safetensors file ({e})") from None
     editor, backbone = meta.get("editor"), meta.get("backbone")
     config = weights.parent / "config.yaml"
-    if (editor is None or backbone is None) and config.is_file():
+    if config.is_file():
         c_editor, c_backbone = _owner_from_config(config)
+        conflicts = [f"{key} {a!r} in its weights' metadata but {b!r} in {config}"
+                     for key, a, b in (("editor", editor, c_editor), ("backbone", backbone, c_backbone))
+                     if a is not None and b is not None and not _same_owner(key, a, b)]
+        if conflicts:
+            raise UserError(f"checkpoint {weights} names two owners: {'; '.join(conflicts)}; refusing it")
         editor, backbone = editor or c_editor, backbone or c_backbone
     if editor is None or backbone is None:
         raise UserError(f"cannot tell which editor and backbone checkpoint {weights} belongs to: no safetensors "
                         f"metadata keys 'editor'/'backbone' and no config.yaml beside it naming them")
     return editor, backbone, weights
+
+
+def _same_owner(key: str, a: str, b: str) -> bool:
+    if key == "editor":
+        return a == b
+    from backbones import resolve_backbone_name
+    canonical = []
+    for name in (a, b):
+        try:
+            canonical.append(resolve_backbone_name(name))
+        except UserError:
+            canonical.append(name)
+    return canonical[0] == canonical[1]
 
 
 def saved_editor_config(weights: Path) -> tuple[dict | None, Path | None]:
@@ -120,10 +129,7 @@ def saved_editor_config(weights: Path) -> tuple[dict | None, Path | None]:
     for config in candidates:
         if not config.is_file():
             continue
-        try:
-            data = yaml.safe_load(config.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read checkpoint config {config}: {e}") from None
+        data = read_yaml(config, "checkpoint config")
         if isinstance(data, dict) and isinstance(data.get("editor_config"), dict):
             return data["editor_config"], config
     return None, None
@@ -147,6 +153,15 @@ def check_checkpoint(path, editor: str, backbone: str) -> Path:
 
 def load_checkpoint(editor_obj, weights: Path) -> None:
     """Load the trained weights of a checked checkpoint (see :func:`check_checkpoint`) into an editor."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    editor_obj.load_trainable_state_dict(load_file(str(weights), device="cpu"))
+    from backbones.fingerprint import check_same_backbone
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"checkpoint weights {weights} are unreadable: {e}") from None
+    check_same_backbone(f"checkpoint {weights}", meta.get("backbone_fingerprint"), editor_obj.backbone.fingerprint)
+    editor_obj.load_trainable_state_dict(state)

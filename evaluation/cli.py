@@ -1,27 +1,25 @@
 """``test_vllm_edit.py``: lifelong editing evaluation of one editor on one backbone and dataset.
 
-Every check of the user's input happens before anything is written; the run folder is created only
-once the backbone and editor are loaded. See ``evaluation/README.md``.
+Every check of the user's input happens before anything is written; then the run folder is claimed
+(created and locked for the whole run). See the README, "Evaluation".
 """
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from utils.errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line and exit code 2 (through cli_main), not usage + message
-        raise UserError(f"{message} (see {self.prog} --help)")
+from utils.GLOBAL import DATA_DIR, RECORDS_DIR
+from utils.devices import check_available, default_device, parse_device
+from utils.errors import CliParser, UserError
+from utils.locks import claim_folder
+from utils.paths import check_folder_name, check_writable_root
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="test_vllm_edit.py", description="Lifelong (sequential) knowledge editing evaluation.")
+    p = CliParser(prog="test_vllm_edit.py", description="Lifelong (sequential) knowledge editing evaluation.")
     p.add_argument("-en", "--editor_name", required=True, help="editor, e.g. none, ft-l, liveedit")
     p.add_argument("-mn", "--edit_model_name", required=True, help="backbone name or alias (blip2, llava, ...)")
     p.add_argument("-sen", "--sequential_edit_n", type=int, default=None,
@@ -88,16 +86,12 @@ def supports_state(editor_cls) -> bool:
 
 
 def main(argv=None) -> dict:
-    """Run the evaluation; returns ``{"run_dir", "means", "resumed", "already_finished"}``."""
-    from backbones import load_backbone, resolve_backbone_name
-    from editors import EDITORS
-    from evaluation.checkpoints import check_checkpoint, load_checkpoint, saved_editor_config
-    from evaluation.protocol import check_saved_states, plan_chunks, plan_points, run_protocol
-    from evaluation.results import RunStore, differences, finalise, markdown_table, write_table
-    from utils.GLOBAL import DATA_DIR, RECORDS_DIR
-    from utils.config import config_path, from_dict, load_config, to_dict
-    from vl_datasets import get_dataset_spec, load_dataset
+    """Run the evaluation; returns ``{"run_dir", "means", "resumed", "already_finished"}``.
 
+    Order: every check of the input (flags, names, paths, config, checkpoint, records and their images,
+    saved states, the model folder, an existing run in the run folder), then the run folder is claimed
+    (created and locked: a second process is refused), then the backbone is loaded and the run starts
+    or resumes. A run that fails before its first stage finished leaves nothing behind."""
     args = build_parser().parse_args(argv)
     _positive(args.sequential_edit_n, "-sen/--sequential_edit_n")
     _positive(args.data_sample_n, "-dsn/--data_sample_n")
@@ -110,6 +104,24 @@ def main(argv=None) -> dict:
                         f"-sen {args.sequential_edit_n} disagrees (leave -sen out)")
     if args.save_edited_state and args.load_edited_state:
         raise UserError("give --save_edited_state or --load_edited_state, not both")
+    if args.eval_name_postfix:
+        check_folder_name(args.eval_name_postfix, "-enp/--eval_name_postfix")
+    device = check_available(parse_device(args.device, "-dvc", allow_auto=True)) if args.device else default_device()
+    records_dir = check_writable_root(Path(args.records_dir) if args.records_dir else RECORDS_DIR, "--records_dir")
+    if args.save_edited_state:
+        check_writable_root(args.save_edited_state, "--save_edited_state")
+    notes = []   # printed once every check has passed, so that bad input gives exactly one line
+
+    # the heavy imports (transformers, ...) only once the flags are known to be good
+    from backbones import backbone_fingerprint, load_backbone, resolve_backbone_name
+    from backbones.loading import check_model_folder
+    from editors import EDITORS
+    from evaluation.checkpoints import check_checkpoint, load_checkpoint, saved_editor_config
+    from evaluation.protocol import check_saved_states, plan_chunks, plan_points, run_protocol
+    from evaluation.results import RunStore, finalise, markdown_table, write_table
+    from synthetic.embedded import prepare_backbone, prepare_dataset
+    from utils.config import config_path, from_dict, load_config, to_dict
+    from vl_datasets import get_dataset_spec, load_dataset
 
     # ---- names, config, checkpoint, data: all checked before anything is loaded or written ----
     editor_cls = EDITORS.get(args.editor_name)
@@ -122,28 +134,27 @@ def main(argv=None) -> dict:
         weights = check_checkpoint(args.checkpoint, args.editor_name, backbone_name)
         saved_config, config_source = saved_editor_config(weights)
     elif editor_cls.trainable:
-        print(f"warning: evaluating trainable editor {args.editor_name!r} without a checkpoint (-ckpt)",
-              file=sys.stderr)
+        notes.append(f"warning: evaluating trainable editor {args.editor_name!r} without a checkpoint (-ckpt)")
     # the editor is built as the checkpoint was trained: its saved editor config, else the YAML
     if saved_config is not None:
         config = from_dict(editor_cls.config_class, saved_config, f"{config_source}: editor_config")
-        print(f"note: editor config saved with the checkpoint: {config_source}", file=sys.stderr)
+        notes.append(f"note: editor config saved with the checkpoint: {config_source}")
     else:
         config_source = config_path(args.editor_name, backbone_name)
         config = load_config(editor_cls.config_class, args.editor_name, backbone_name)
         if weights is not None:
-            print(f"note: checkpoint {weights} has no saved editor config (config.yaml with editor_config); "
-                  f"using {config_source}", file=sys.stderr)
+            notes.append(f"note: checkpoint {weights} has no saved editor config (config.yaml with editor_config); "
+                         f"using {config_source}")
     if (args.save_edited_state or args.load_edited_state) and not supports_state(editor_cls):
         raise UserError(f"editor {args.editor_name!r} cannot save or load its edited state "
                         f"(--save_edited_state / --load_edited_state)")
     data_dir = Path(args.data_dir) if args.data_dir else DATA_DIR
     split = args.split
+    prepare_dataset(spec.name, data_dir)
     records = load_dataset(spec.name, split, data_dir, limit=args.data_sample_n)
     n = len(records)
     if args.data_sample_n and n < args.data_sample_n:
-        print(f"warning: -dsn {args.data_sample_n} but {spec.name} {split} has only {n} records; using {n}",
-              file=sys.stderr)
+        notes.append(f"warning: -dsn {args.data_sample_n} but {spec.name} {split} has only {n} records; using {n}")
     if points is not None:
         T = points[-1]
         if T > n:
@@ -160,10 +171,13 @@ def main(argv=None) -> dict:
         import random
         random.Random(args.seed).shuffle(order)
     records = [records[i] for i in order]
+    model_path = prepare_backbone(backbone_name, args.model_path)   # a tiny default is built on first use
+    check_model_folder(model_path)
+    # the backbone's build: its fingerprint is part of the run's identity
+    fingerprint = backbone_fingerprint(model_path)
     if args.load_edited_state:
-        check_saved_states(Path(args.load_edited_state), stages, records, args.editor_name, backbone_name)
+        check_saved_states(Path(args.load_edited_state), stages, records, args.editor_name, backbone_name, fingerprint)
 
-    records_dir = Path(args.records_dir) if args.records_dir else RECORDS_DIR
     store = RunStore(run_folder(records_dir, args.editor_name, backbone_name, spec.name,
                                 args.eval_name_postfix, mode_dir, split))
     absolute = lambda p: str(Path(p).resolve()) if p else None
@@ -171,60 +185,93 @@ def main(argv=None) -> dict:
                 "sequential_edit_n": T, "eval_at": points, "data_sample_n": args.data_sample_n,
                 "n_records": n, "shuffle": args.shuffle, "seed": args.seed,
                 "checkpoint": absolute(weights), "model_path": absolute(args.model_path),
+                "backbone_fingerprint": fingerprint,
                 "data_dir": absolute(data_dir), "data_fingerprint": data_fingerprint(records),
                 "load_edited_state": absolute(args.load_edited_state), "editor_config": to_dict(config)}
 
-    # ---- an existing run in the folder: report it, resume it, or refuse -----------------------
-    resumed = False
-    if store.has_run() and not args.overwrite:
-        diff = differences(store.identity(), identity)
-        if diff:
-            state = "finished" if store.finished else "unfinished"
-            raise UserError(f"{store.dir} holds a {state} run with other arguments ({'; '.join(diff)}); "
-                            f"rerun with its arguments, pick another folder with -enp, or pass --overwrite")
-        if store.finished:
-            means = store.means()
-            print(f"run already finished: results in {store.dir} (pass --overwrite to run it again)")
-            print(markdown_table(means))
-            return {"run_dir": store.dir, "means": means, "resumed": False, "already_finished": True}
-        resumed = True
+    # ---- an existing run in the folder: report it, or refuse (reading only; again under the lock) ----
+    if not args.overwrite and _existing_run(store, identity, stages) == "finished":
+        return _report_finished(store, markdown_table)
 
-    # ---- load, then write --------------------------------------------------------------------
-    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
-    backbone = load_backbone(backbone_name, device, args.model_path)
-    editor = editor_cls(backbone, config)
-    if weights is not None:
-        load_checkpoint(editor, weights)
-    if args.overwrite and store.dir.exists():
-        shutil.rmtree(store.dir)
-    if not resumed:
-        full_args = {**vars(args), "device": device}
-        store.start(identity, full_args, {"run": identity, "device": device, "editor_config": to_dict(config),
-                                           "editor_config_source": str(Path(config_source).resolve()),
-                                           "backbone": {"name": backbone_name, "num_layers": backbone.num_layers,
-                                                        "hidden_size": backbone.hidden_size}})
-    else:
-        done = len(store.done_stages([s.name for s in stages]))
-        print(f"resuming {store.dir}: {done} of {len(stages)} {'chunks' if mode == 'sequential' else 'points'} "
-              f"already done", file=sys.stderr)
+    # ---- claim the folder, load, then write ----------------------------------------------------
+    lock = claim_folder(store.dir, "evaluation run folder")
+    produced = False
+    for line in notes:   # the folder is ours now: nothing below is a refusal of the input
+        print(line, file=sys.stderr)
+    try:
+        if args.overwrite:
+            lock.clear()
+        else:
+            state = _existing_run(store, identity, stages)
+            if state == "finished":          # another process finished it while we were starting
+                return _report_finished(store, markdown_table)
+        resumed = store.has_run()
+        torch.manual_seed(args.seed)
+        backbone = load_backbone(backbone_name, device, model_path)
+        editor = editor_cls(backbone, config)
+        if weights is not None:
+            load_checkpoint(editor, weights)
+        if not resumed:
+            full_args = {**vars(args), "device": device}
+            store.start(identity, full_args, {"run": identity, "device": device, "editor_config": to_dict(config),
+                                               "editor_config_source": str(Path(config_source).resolve()),
+                                               "backbone": {"name": backbone_name, "num_layers": backbone.num_layers,
+                                                            "hidden_size": backbone.hidden_size}})
+        done_names = set(store.done_stages([s.name for s in stages]))
+        produced = resumed or bool(done_names)
+        if resumed:
+            print(f"resuming {store.dir}: {len(done_names)} of {len(stages)} "
+                  f"{'chunks' if mode == 'sequential' else 'points'} already done", file=sys.stderr)
 
-    from tqdm import tqdm
-    done_names = set(store.done_stages([s.name for s in stages]))
-    todo = [s for s in stages if s.name not in done_names]
-    total = sum(len(s.edit_positions) + 5 * len(s.test_positions) for s in todo)
-    total += 5 * len({(s.stream, p) for s in todo for p in s.test_positions})
-    with tqdm(total=total, desc=f"{args.editor_name} on {backbone_name} {spec.name}", unit="step",
-              file=sys.stderr, mininterval=1.0) as progress:
-        results = run_protocol(editor, records, stages, store, batch_size=args.eval_batch_size,
-                               load_dir=args.load_edited_state, save_dir=args.save_edited_state, progress=progress)
-    header = {"run": identity, "mode": mode,
-              "scoring": {"default": "teacher-forced token accuracy (percent)",
-                          "exact_match": "greedy generation of len(target) tokens equals the target "
-                                         "(locality: equals the pre-edit generation), from real generations"}}
-    means = finalise(store, mode, header, results)
-    table = markdown_table(means)
-    write_table(store.dir, table)
+        from tqdm import tqdm
+        todo = [s for s in stages if s.name not in done_names]
+        total = sum(len(s.edit_positions) + 5 * len(s.test_positions) for s in todo)
+        total += 5 * len({(s.stream, p) for s in todo for p in s.test_positions})
+        with tqdm(total=total, desc=f"{args.editor_name} on {backbone_name} {spec.name}", unit="step",
+                  file=sys.stderr, mininterval=1.0) as progress:
+            results = run_protocol(editor, records, stages, store, batch_size=args.eval_batch_size,
+                                   load_dir=args.load_edited_state, save_dir=args.save_edited_state,
+                                   progress=progress)
+        header = {"run": identity, "mode": mode,
+                  "scoring": {"default": "teacher-forced token accuracy (percent)",
+                              "exact_match": "greedy generation of len(target) tokens equals the target "
+                                             "(locality: equals the pre-edit generation), from real generations"}}
+        means = finalise(store, mode, header, results)
+        table = markdown_table(means)
+        write_table(store.dir, table)
+    except BaseException:
+        # nothing worth keeping (no finished stage): leave no run behind, so the corrected command
+        # is not refused as "another run's folder"
+        if not produced and not any(store.stage_path(s.name).is_file() for s in stages):
+            lock.discard()
+        raise
+    finally:
+        lock.release()
     print(f"results in {store.dir}")
     print(table)
     return {"run_dir": store.dir, "means": means, "resumed": resumed, "already_finished": False}
+
+
+def _existing_run(store, identity: dict, stages) -> str | None:
+    """``"finished"`` / ``"unfinished"`` for a run with the same identity in the folder, None for no
+    run; a run with other arguments, or an unreadable file of it, is a UserError naming the problem."""
+    from evaluation.results import differences
+    if not store.has_run():
+        return None
+    diff = differences(store.identity(), identity)
+    state = "finished" if store.finished else "unfinished"
+    if diff:
+        raise UserError(f"{store.dir} holds a {state} run with other arguments ({'; '.join(diff)}); "
+                        f"rerun with its arguments, pick another folder with -enp, or pass --overwrite")
+    if state == "finished":
+        store.means()
+    else:
+        store.done_stages([s.name for s in stages])   # a damaged stage file is found before anything is written
+    return state
+
+
+def _report_finished(store, markdown_table) -> dict:
+    means = store.means()
+    print(f"run already finished: results in {store.dir} (pass --overwrite to run it again)")
+    print(markdown_table(means))
+    return {"run_dir": store.dir, "means": means, "resumed": False, "already_finished": True}

@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backbones.fingerprint import check_same_backbone
 from evaluation.results import RunStore, summarise
-from evaluation.scoring import METRICS, run_samples, sample_scores
+from evaluation.scoring import LOCALITY, METRICS, run_samples, sample_scores
 from utils.errors import UserError
 from utils.io import read_json, write_json
 
@@ -56,9 +57,10 @@ def edited_so_far(stage: Stage, stages: list[Stage]) -> list[int]:
     return [p for s in stages if s.stream == stage.stream and s.index <= stage.index for p in s.edit_positions]
 
 
-def check_saved_states(load_dir: Path, stages: list[Stage], records, editor_name: str, backbone: str):
+def check_saved_states(load_dir: Path, stages: list[Stage], records, editor_name: str, backbone: str,
+                       fingerprint: str | None = None):
     """Before a run with --load_edited_state: every stage has a saved state made by this editor and
-    backbone for exactly the records this run edits up to that stage."""
+    backbone (the same build: ``fingerprint``) for exactly the records this run edits up to that stage."""
     for s in stages:
         meta_path = Path(load_dir) / s.name / EDIT_META
         if not meta_path.is_file():
@@ -68,6 +70,7 @@ def check_saved_states(load_dir: Path, stages: list[Stage], records, editor_name
         if (meta.get("editor"), meta.get("backbone")) != (editor_name, backbone):
             raise UserError(f"--load_edited_state: {meta_path} was saved by editor {meta.get('editor')!r} on "
                             f"{meta.get('backbone')!r}, not {editor_name!r} on {backbone!r}")
+        check_same_backbone(f"--load_edited_state: {meta_path}", meta.get("backbone_fingerprint"), fingerprint)
         if meta.get("record_indices") != want:
             raise UserError(f"--load_edited_state: {meta_path} holds edits of other records than this run's "
                             f"{s.name} (check -sen/--eval_at, -dsn, --shuffle/--seed)")
@@ -78,9 +81,12 @@ def _samples(records, positions):
     return [(p, m, records[p].samples()[m]) for m in METRICS for p in positions]
 
 
-def _outputs(editor, records, positions, batch_size, progress) -> dict:
+def _outputs(editor, records, positions, batch_size, progress, pre: dict | None = None) -> dict:
+    """Outputs of the samples of ``positions``; with ``pre`` (the unedited outputs), a locality
+    sample's generation is first checked against its unedited generation (see ``run_samples``)."""
     items = _samples(records, positions)
-    outs = run_samples(editor, [s for _, _, s in items], batch_size, progress)
+    expected = None if pre is None else [pre[(p, m)].gen if m in LOCALITY else None for p, m, _ in items]
+    outs = run_samples(editor, [s for _, _, s in items], batch_size, progress, expected)
     return {(p, m): o for (p, m, _), o in zip(items, outs)}
 
 
@@ -97,7 +103,9 @@ def _record_entry(editor, record, position, edit_time, pre: dict, post: dict) ->
 
 def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch_size: int,
                  load_dir=None, save_dir=None, progress=None) -> list[dict]:
-    """Run (or finish) ``stages``; returns every stage's result in order. ``records`` are in run order."""
+    """Run (or finish) ``stages``; returns every stage's result in order. ``records`` are in run order.
+    The editor is put in evaluation mode first (no dropout or other train-time randomness)."""
+    editor.eval()
     done = store.done_stages([s.name for s in stages])
     streams: dict[int, list[Stage]] = {}
     for s in stages:
@@ -138,9 +146,10 @@ def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch
                 folder = Path(save_dir) / s.name
                 editor.save_state(folder)
                 write_json(folder / EDIT_META, {
-                    "editor": editor.name, "backbone": editor.backbone.name, "stage": s.name,
+                    "editor": editor.name, "backbone": editor.backbone.name,
+                    "backbone_fingerprint": editor.backbone.fingerprint, "stage": s.name,
                     "record_indices": [records[p].index for p in edited], "edit_times": [times[p] for p in edited]})
-            post = _outputs(editor, records, s.test_positions, batch_size, progress)
+            post = _outputs(editor, records, s.test_positions, batch_size, progress, pre)
             entries = [_record_entry(editor, records[p], p, times.get(p), pre, post) for p in s.test_positions]
             stream_times = [times[p] for p in edited]
             result = {"name": s.name, "index": s.index, "n_edits": len(edited),

@@ -1,6 +1,7 @@
 """Means, the markdown table, and the files of a run folder (all written atomically).
 
-Run folder ``records/<editor>/<backbone>/eval/<DATASET>[-postfix]/<sequential_edit_T | eval_at_...>/``:
+Run folder ``records/<editor>/<backbone>/<split>/<DATASET>[-postfix]/<sequential_edit_T | eval_at_...>/``
+(held by one process at a time: ``.lock``, see ``utils/locks.py``):
 
 - ``run.json``: the run's arguments (``identity``: what must match to resume) — written first;
 - ``config.yaml``: the resolved run arguments, editor config and backbone facts;
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 from evaluation.scoring import LOCALITY, METRIC_NAMES, METRICS
+from utils.errors import UserError
 from utils.io import read_json, write_json, write_text, write_yaml
 
 RUN_FILE = "run.json"
@@ -58,7 +60,13 @@ class RunStore:
         return (self.dir / RUN_FILE).is_file()
 
     def identity(self) -> dict | None:
-        return read_json(self.dir / RUN_FILE)["identity"] if self.has_run() else None
+        if not self.has_run():
+            return None
+        data = read_json(self.dir / RUN_FILE, f"run file (pass --overwrite to discard the run in {self.dir})")
+        if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
+            raise UserError(f"run file {self.dir / RUN_FILE} holds no run identity; pass --overwrite to discard "
+                            f"the run in {self.dir}")
+        return data["identity"]
 
     def start(self, identity: dict, args: dict, config: dict):
         write_json(self.dir / RUN_FILE, {"identity": identity, "args": args})
@@ -68,13 +76,24 @@ class RunStore:
         return self.dir / STAGE_DIR / f"{name}.json"
 
     def done_stages(self, names) -> dict[str, dict]:
-        return {n: read_json(self.stage_path(n)) for n in names if self.stage_path(n).is_file()}
+        done = {}
+        for n in names:
+            if self.stage_path(n).is_file():
+                stage = read_json(self.stage_path(n), f"stage file (pass --overwrite to discard the run in {self.dir})")
+                if not isinstance(stage, dict) or stage.get("name") != n or "records" not in stage:
+                    raise UserError(f"stage file {self.stage_path(n)} is not a finished stage {n}; pass --overwrite "
+                                    f"to discard the run in {self.dir}")
+                done[n] = stage
+        return done
 
     def save_stage(self, result: dict):
         write_json(self.stage_path(result["name"]), result)
 
     def means(self) -> dict:
-        return read_json(self.dir / MEANS_FILE)
+        means = read_json(self.dir / MEANS_FILE, f"results file (pass --overwrite to redo the run in {self.dir})")
+        if not isinstance(means, dict) or "total" not in means:
+            raise UserError(f"results file {self.dir / MEANS_FILE} holds no results; pass --overwrite to redo the run")
+        return means
 
 
 def differences(old: dict, new: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """Benchmark LiveEdit's expert repository and routing (prints figures; asserts nothing).
 
-    python scripts/bench_liveedit.py [--family blip2] [--sizes 1000,10000,100000]
-    python scripts/bench_liveedit.py --backbone tiny-llava --model_path PATH [--checkpoint trainable.safetensors]
+    python -m scripts.bench_liveedit [--family blip2] [--sizes 1000,10000,100000]
+    python -m scripts.bench_liveedit --backbone tiny-llava --model_path PATH [--checkpoint trainable.safetensors]
 
 Figures:
 - time to append the 1st, 1,000th, 10,000th and 100,000th expert: a full ``edit()`` (encode, frozen
@@ -17,9 +17,7 @@ weights; ``--model_path`` loads a backbone folder instead and ``--checkpoint`` t
 Beyond the few real edits, the repository is filled with random experts of the same scale (cheap to
 make; an unrelated edit's expert), so how many are kept depends on the editor's weights.
 """
-import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,16 +25,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from backbones import BACKBONES, load_backbone  # noqa: E402
-from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer  # noqa: E402
-from editors.liveedit import LiveEdit, LiveEditConfig  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.errors import cli_main  # noqa: E402
-from vl_datasets.records import Sample  # noqa: E402
+from backbones import BACKBONES, load_backbone
+from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer
+from editors.liveedit import LiveEdit, LiveEditConfig
+from utils.config import load_config
+from utils.errors import CliParser, cli_main
+from vl_datasets.records import Sample
 
 FAMILY_BACKBONE = {"blip2": "tiny-blip2", "llava": "tiny-llava", "minigpt4": "tiny-minigpt4"}
 WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "small", "large"]
@@ -104,7 +98,7 @@ def one_append_time(editor: LiveEdit, like: dict, gen: torch.Generator) -> float
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = CliParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", choices=sorted(FAMILY_BACKBONE), default="blip2",
                     help="tiny random backbone to build (ignored with --model_path)")
     ap.add_argument("--backbone", default=None, help="backbone name for --model_path (e.g. tiny-llava)")

@@ -1,7 +1,7 @@
 """Training speed of an editor through the shared training loop: steps per second.
 
-    python scripts/bench_training.py                      # liveedit on tiny-blip2, SYNTH-EVQA, bs 8
-    python scripts/bench_training.py -en liveedit -mn tiny-llava -bs 4 --steps 50
+    python -m scripts.bench_training                      # liveedit on tiny-blip2, SYNTH-EVQA, bs 8
+    python -m scripts.bench_training -en liveedit -mn tiny-llava -bs 4 --steps 50
 
 Runs ``--warmup`` + ``--steps`` real training steps (``training.loop.train``, the code
 ``train_vllm_editor.py`` runs) into a temporary records folder and reports the mean over the steps
@@ -9,18 +9,13 @@ after the warm-up. A tiny backbone that is not built yet is timed as a randomly 
 of the same size (same speed; no pretraining wait). An editor that is not registered is reported,
 not an error.
 """
-import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import CliParser, UserError, cli_main
 
 
 def random_tiny_backbone(full_name: str, records, out: Path) -> Path:
@@ -35,7 +30,7 @@ def random_tiny_backbone(full_name: str, records, out: Path) -> Path:
 
 @cli_main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CliParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-en", "--editor_name", default="liveedit")
     p.add_argument("-mn", "--edit_model_name", default="tiny-blip2")
     p.add_argument("-dna", "--data_name", default="SYNTH-EVQA")
@@ -64,6 +59,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
 
     from backbones import TINY_BACKBONES, resolve_backbone_name
+    from synthetic.embedded import prepare_dataset
     from training.loop import train
     from training.options import TrainOptions
     from utils.GLOBAL import model_path_map
@@ -75,6 +71,7 @@ def main(argv=None):
         if model_path is None and full in TINY_BACKBONES and not (Path(model_path_map[full]) / "config.json").is_file():
             print(f"note: {full} is not built yet ({model_path_map[full]}); timing a randomly initialised model "
                   f"of the same size")
+            prepare_dataset(a.data_name, a.data_dir)
             records = load_dataset(a.data_name, "train", a.data_dir, 64)
             model_path = str(random_tiny_backbone(full, records, Path(tmp)))
         total = a.warmup + a.steps

@@ -17,7 +17,7 @@ Inputs (all local, nothing is downloaded):
 
 Usage::
 
-    python scripts/convert_minigpt4.py \\
+    python -m scripts.convert_minigpt4 \\
         --blip2_ckpt  ~/weights/blip2_pretrained_flant5xxl.pth \\
         --minigpt4_ckpt ~/weights/pretrained_minigpt4.pth \\
         --vicuna_dir  ~/weights/vicuna-7b \\
@@ -65,17 +65,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import shutil
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import CliParser, UserError, cli_main
+from utils.io import atomic_dir
 
 IMAGE_TOKEN = "<image>"
 # Normalisation of BLIP-2's EVA ViT (Blip2ImageEvalProcessor): the OpenAI CLIP statistics.
@@ -369,7 +363,7 @@ def count(model, prefix) -> int:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = CliParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blip2_ckpt", required=True, type=Path, help="LAVIS BLIP-2 checkpoint (.pth / .safetensors)")
     ap.add_argument("--minigpt4_ckpt", required=True, type=Path, help="MiniGPT-4 checkpoint holding llama_proj")
@@ -451,22 +445,9 @@ def main(argv=None):
                                             image_mean=list(EVA_MEAN), image_std=list(EVA_STD))
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=n_query)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:   # out holds the old folder or the complete new one, never a partial one
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        elif old.exists():
-            old.unlink()
 
     total = count(model, "")
     lines = [

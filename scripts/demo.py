@@ -6,7 +6,7 @@
 
 Each command is printed before it runs, so it can be copied and changed.
 
-    python scripts/demo.py [--backbone tiny-blip2] [--dataset SYNTH-EVQA] [--steps N] [-sen 100]
+    python -m scripts.demo [--backbone tiny-blip2] [--dataset SYNTH-EVQA] [--steps N] [-sen 100]
 """
 import argparse
 import re

@@ -1,7 +1,7 @@
 """How well each decoder layer's output at the edit target's position tells which target it is.
 
-    python scripts/probe_target_identity.py                          # tiny-blip2, SYNTH-EVQA
-    python scripts/probe_target_identity.py -mn tiny-llava --layers 2,4
+    python -m scripts.probe_target_identity                          # tiny-blip2, SYNTH-EVQA
+    python -m scripts.probe_target_identity -mn tiny-llava --layers 2,4
 
 LiveEdit's expert generator reads an edit's target from ``H_o``, the layer-``l_e`` states at the
 target positions (DESIGN section 3): if a backbone has overwritten the token there, no expert can
@@ -11,17 +11,11 @@ string, and reports its accuracy on the eval split, per layer. Measured on the t
 tiny OPT decoder pretrained on answers only kept 78% at layer 4 (tiny-llava: 99.8%); with the
 next-token loss on the prompt text (pretraining recipe 2) 97%.
 """
-import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import CliParser, UserError, cli_main
 
 
 @torch.no_grad()
@@ -54,7 +48,7 @@ def probe_accuracy(x_train, y_train, x_eval, y_eval, n_classes: int, steps: int 
 
 @cli_main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CliParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-mn", "--edit_model_name", default="tiny-blip2")
     p.add_argument("-dn", "--data_name", default="SYNTH-EVQA")
     p.add_argument("--layers", help="comma-separated decoder layers (default: all)")
@@ -65,8 +59,10 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     from backbones import load_backbone
+    from synthetic.embedded import prepare_backbone, prepare_dataset
     from vl_datasets import load_dataset
-    backbone = load_backbone(a.edit_model_name, a.device, a.model_path)
+    prepare_dataset(a.data_name)
+    backbone = load_backbone(a.edit_model_name, a.device, prepare_backbone(a.edit_model_name, a.model_path))
     try:
         layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(backbone.num_layers))
     except ValueError:

@@ -12,12 +12,10 @@ pretraining corpus it learned or the build recipe changes).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,18 +26,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer, vision_encoder  # noqa: E402
-from synthetic.world import (FORMAT_VERSION, PRETRAIN_FILES, ensure_world, load_pretrain,  # noqa: E402
+from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer, vision_encoder
+from synthetic.world import (FORMAT_VERSION, PRETRAIN_FILES, ensure_world, load_pretrain,
                              read_manifest, text_corpus)
-from utils.GLOBAL import SYNTHETIC_DIR, model_path_map  # noqa: E402
-from utils.errors import UserError, cli_main  # noqa: E402
-from utils.io import write_json  # noqa: E402
-from utils.losses import IGNORE, token_accuracy  # noqa: E402
-from vl_datasets.records import Sample, open_image  # noqa: E402
+from utils.GLOBAL import SYNTHETIC_DIR, model_path_map
+from utils.errors import CliParser, UserError, cli_main
+from utils.io import atomic_dir, remove_temporaries, write_json
+from utils.locks import build_once
+from utils.losses import IGNORE, token_accuracy
+from vl_datasets.records import Sample, open_image
 
 TINY_FAMILIES = {"tiny-blip2": "blip2", "tiny-llava": "llava", "tiny-minigpt4": "minigpt4"}
 REPORT = "pretrain_report.json"
@@ -235,7 +230,6 @@ def _param_groups(model, cfg: PretrainConfig) -> list[dict]:
 def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None = None,
                   progress: bool = True) -> dict:
     """Build, train and save tiny backbone ``name`` into ``out_dir`` (atomically); returns the report."""
-    from backbones import BACKBONES
     if name not in TINY_FAMILIES:
         raise UserError(f"unknown tiny backbone {name!r}; known: {', '.join(TINY_FAMILIES)}")
     cfg = cfg or default_config(name)
@@ -247,8 +241,13 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out_dir) as tmp:   # out_dir holds the old build or the new one, never a partial one
+        report = _pretrain_into(tmp, name, family, world_dir, cfg, rng, progress, t0)
+    return report
+
+
+def _pretrain_into(tmp: Path, name: str, family: str, world_dir: Path, cfg: PretrainConfig, rng, progress, t0):
+    from backbones import BACKBONES
     tok = train_tokenizer(tokenizer_texts(name, world_dir), cfg.vocab_size)
     save_tiny(build_tiny_model(family, tok, cfg.size, seed=cfg.seed), family, tok, cfg.size, tmp)
     backbone = BACKBONES.get(name).load(name, tmp)  # the from_pretrained path of real weights
@@ -292,8 +291,6 @@ def pretrain_tiny(name: str, out_dir, world_dir=None, cfg: PretrainConfig | None
     }
     model.save_pretrained(tmp)
     write_json(tmp / REPORT, report)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
     return report
 
 
@@ -321,20 +318,30 @@ def ensure_tiny_backbone(name: str, path=None, progress: bool = True) -> Path:
     default world and recipe (one built from another pretraining corpus or an older recipe is
     rebuilt). A folder without a pretraining report (e.g. a user's own weights) is used as it is."""
     path = Path(path) if path else Path(model_path_map[name])
-    reason = "is not built yet"
-    if (path / "config.json").is_file():
-        try:
-            report = json.loads((path / REPORT).read_text())
-        except (OSError, json.JSONDecodeError):
-            report = None
-        same = report is None or report.get("built_from") == build_identity(current_world(SYNTHETIC_DIR))
-        reason = None if same else "was built from another pretraining corpus or an older recipe"
-    if reason:
+
+    def build():
+        reason = _rebuild_reason(path)
+        remove_temporaries(path.parent, path.name)   # left by a build that was killed
         print(f"{name} {reason}: pretraining it on the synthetic world (once, a few minutes)", file=sys.stderr)
         report = pretrain_tiny(name, path, progress=progress)
         print(f"{name}: saved to {path}; held-out token accuracy {report['heldout_token_accuracy']}",
               file=sys.stderr)
+
+    # One builder at a time: the other processes of a launch wait here and then find it built.
+    build_once(path, lambda: _rebuild_reason(path) is None, build, f"tiny backbone {name}")
     return path
+
+
+def _rebuild_reason(path: Path) -> str | None:
+    """Why the tiny backbone at ``path`` must be (re)built, or None when it is current."""
+    if not (path / "config.json").is_file():
+        return "is not built yet"
+    try:
+        report = json.loads((path / REPORT).read_text())
+    except (OSError, json.JSONDecodeError):
+        report = None
+    same = report is None or report.get("built_from") == build_identity(current_world(SYNTHETIC_DIR))
+    return None if same else "was built from another pretraining corpus or an older recipe"
 
 
 @cli_main
@@ -342,7 +349,7 @@ def main(argv=None):
     d = PretrainConfig()
     tunable = ("steps", "batch_size", "lr", "text_fraction", "qformer_lr_scale", "prompt_lm_weight",
                "vocab_size", "seed")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CliParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", required=True, choices=sorted(TINY_FAMILIES) + ["all"])
     p.add_argument("--out", help="output folder (default: its model_path_map entry)")
     p.add_argument("--world_dir", help=f"synthetic world folder (default: {SYNTHETIC_DIR})")

@@ -133,7 +133,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -144,6 +143,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from utils.io import atomic_dir, remove_temporaries
+from utils.locks import build_lock, build_once
 
 try:  # tqdm is optional: progress output only
     from tqdm import tqdm as _tqdm
@@ -1079,65 +1081,32 @@ def is_complete(out_dir: os.PathLike | str, config: WorldConfig) -> bool:
             and m.get("config") == asdict(config))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale_tmp(out: Path) -> None:
-    """Remove temporary siblings left by killed generator runs (never a live run's)."""
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if p.is_dir() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def generate_world(out_dir: os.PathLike | str, config: WorldConfig = WorldConfig(),
                    workers: int = 2, progress: bool = True) -> Path:
     """(Re)generate the world into ``out_dir`` atomically and return its path.
 
     Everything is written into a temporary sibling folder which then replaces ``out_dir``;
     an interrupted run leaves ``out_dir`` untouched. An existing ``out_dir`` is replaced only
-    if it is empty or holds a world (has a manifest); anything else is an error.
+    if it is empty or holds a world (has a manifest); anything else is an error. Concurrent
+    generators of the same folder take turns (a file lock beside it).
     """
     config.validate()
     out = Path(out_dir).absolute()
+    with build_lock(out, f"the synthetic world in {out}"):
+        return _generate_locked(out, config, workers, progress)
+
+
+def _generate_locked(out: Path, config: WorldConfig, workers: int, progress: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"world output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and read_manifest(out) is None:
         raise FileExistsError(
             f"world output {out} exists, is not empty and holds no {MANIFEST}; "
             f"refusing to replace it (choose another --out or remove it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    remove_temporaries(out.parent, out.name)   # left by a generator that was killed
     t0 = time.perf_counter()
-    try:
+    with atomic_dir(out) as tmp:
         _write_world(tmp, config, workers, progress)
-        try:
-            os.replace(tmp, out)  # works when out is missing or an empty directory
-        except OSError:
-            if is_complete(out, config):  # a concurrent run finished the same world first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         print(f"synthetic world (seed {config.seed}) written to {out} in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -1155,9 +1124,11 @@ def ensure_world(out_dir: os.PathLike | str, seed: int = 0, workers: int = 2,
     config = WorldConfig(seed=seed, **sizes)
     config.validate()
     out = Path(out_dir).absolute()
-    if is_complete(out, config):
-        return out
-    return generate_world(out, config, workers=workers, progress=progress)
+    # The processes of a multi-process launch all get here on a fresh clone: the first generates,
+    # the others wait for it and then find the world complete.
+    build_once(out, lambda: is_complete(out, config), lambda: _generate_locked(out, config, workers, progress),
+               f"the synthetic world in {out}")
+    return out
 
 
 def load_dataset(out_dir: os.PathLike | str, name: str) -> tuple[list[dict], Path]:

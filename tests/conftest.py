@@ -1,16 +1,11 @@
 """Shared fixtures: tiny random models of the three backbone classes, saved and loaded back through
 the same ``from_pretrained`` path as real weights, and a few small images."""
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from backbones import BACKBONES  # noqa: E402
-from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer  # noqa: E402
+from backbones import BACKBONES
+from backbones.tiny import TinySize, build_tiny_model, save_tiny, train_tokenizer
 
 CORPUS = ["What color is the shape? The answer is: red", "What shape is it? The answer is: circle",
           "a photo of a blue circle on a green background", "nq question: who rules zorbia? Queen Quell",
@@ -64,3 +59,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def dummy_editors():
+    """The test editors of tests/dummy_editor.py, registered for one module
+    (``pytestmark = pytest.mark.usefixtures("dummy_editors")``)."""
+    import dummy_editor
+    names = dummy_editor.register()
+    yield names
+    dummy_editor.unregister()

@@ -1,6 +1,6 @@
 """Run train_vllm_editor.main with the test editors registered, under `accelerate launch`.
 
-    python -m accelerate.commands.launch ... tests/dp_launcher.py OUT_DIR [train flags...]
+    PYTHONPATH=<repo> python -m accelerate.commands.launch ... tests/dp_launcher.py OUT_DIR [train flags...]
 
 Each process also writes, for the test to compare, OUT_DIR/rank<i>.safetensors (its final trainable
 weights) and OUT_DIR/rank<i>.json (the record indices of every batch it trained on)."""
@@ -8,14 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from safetensors.torch import save_file
 
-from safetensors.torch import save_file  # noqa: E402
-
-import dummy_editor  # noqa: E402
-import train_vllm_editor  # noqa: E402
+import dummy_editor  # tests/ is this script's folder, hence on sys.path
+import train_vllm_editor  # the repository root is on PYTHONPATH (set by the test)
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])

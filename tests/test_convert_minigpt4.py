@@ -2,7 +2,6 @@
 with llama_proj, a Vicuna folder) is written from a tiny random model in the original key layout;
 the converted folder must load through the project's backbone loader and give identical logits."""
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,15 +13,12 @@ from PIL import Image
 from tokenizers import Tokenizer
 from transformers import Blip2ForConditionalGeneration, PreTrainedTokenizerFast
 
+import scripts.convert_minigpt4 as convert
 from backbones import load_backbone
 from backbones.tiny import IMAGE_TOKEN, TinySize, build_tiny_model, save_tiny, train_tokenizer
 from vl_datasets.records import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "convert_minigpt4.py"
-_spec = importlib.util.spec_from_file_location("convert_minigpt4", SCRIPT)
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
 
 CORPUS = ["###Human: <Img></Img> What color is the shape? ###Assistant: red",
           "describe the image: a blue circle on a green background", "What shape is it? The answer is: circle"] * 20
@@ -238,8 +234,8 @@ def test_missing_files_exit_2_naming_them(release, tmp_path, capsys):
     assert str(tmp_path / "no_vicuna") in err
     # the script itself, as a user runs it
     missing = tmp_path / "no_such_blip2.pth"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *argv(release, tmp_path / "out", blip2=missing)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "scripts.convert_minigpt4", *argv(release, tmp_path / "out", blip2=missing)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: BLIP-2 checkpoint not found: {missing}"]
     assert not (tmp_path / "out").exists()

@@ -81,8 +81,12 @@ def test_errors_name_the_problem(tmp_path, images):
     path.write_text(json.dumps(raw[:1]))
     broken = tmp_path / "easy-edit-mm" / "images" / raw[0]["image"]
     broken.write_bytes(b"not an image")
+    # every image is decoded once when the records are loaded, before a run writes anything ...
+    with pytest.raises(UserError, match=r"image unreadable: .*" + broken.name):
+        load_dataset("EVQA", "eval", data_dir=tmp_path)
+    # ... and again when it is used (opened lazily)
     from vl_datasets import open_image
-    record = load_dataset("EVQA", "eval", data_dir=tmp_path)[0]
+    record = load_dataset("EVQA", "eval", data_dir=tmp_path, verify_images=False)[0]
     with pytest.raises(UserError, match=r"image unreadable: .*" + broken.name):
         open_image(record.edit.image)
     path.write_text("{not json")
@@ -103,8 +107,8 @@ def test_real_dataset_val_is_a_fixed_slice_left_out_of_training(tmp_path, images
     from dataclasses import replace
     from vl_datasets.mmedit import load_records
     raw = real_schema_records("EVQA")
-    raw = [dict(raw[i % len(raw)], src=f"question {i}?") for i in range(10)]
-    spec = replace(get_dataset_spec("EVQA"), val_slice=3)
+    raw = [dict(raw[i % len(raw)], src=f"question {i}?") for i in range(30)]
+    spec = replace(get_dataset_spec("EVQA"), val_slice=5)   # the last min(5, 30 // 10) = 3 records
     path = spec.split_file(tmp_path, "train")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(raw))
@@ -114,9 +118,9 @@ def test_real_dataset_val_is_a_fixed_slice_left_out_of_training(tmp_path, images
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(images[0], dst)
     src = lambda recs: [r.edit.prompt.split("?")[0] for r in recs]
-    assert src(load_records(spec, tmp_path, "val")) == ["question 7", "question 8", "question 9"]
-    assert src(load_records(spec, tmp_path, "train")) == [f"question {i}" for i in range(7)]
-    assert len(load_records(spec, tmp_path, "train", include_val_slice=True)) == 10
+    assert src(load_records(spec, tmp_path, "val")) == ["question 27", "question 28", "question 29"]
+    assert src(load_records(spec, tmp_path, "train")) == [f"question {i}" for i in range(27)]
+    assert len(load_records(spec, tmp_path, "train", include_val_slice=True)) == 30
     assert get_dataset_spec("EVQA").splits == ("train", "eval", "val")
     with pytest.raises(UserError, match="no split 'test'"):
         spec.split_file(tmp_path, "test")

@@ -272,7 +272,7 @@ def test_checkpoint_is_evaluated_with_its_saved_editor_config(tiny_dirs, data_di
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(trained))
     result = train_vllm_editor.main(["-en", "liveedit", "-mn", "tiny-blip2", "--model_path", str(tiny_dirs["blip2"]),
                                      "-dna", "EVQA", "--data_dir", str(data_dir), "-bs", "2", "-dvc", "cpu",
-                                     "--max_steps", "2", "-rs", "1", "--config", str(tmp_path / "cfg.yaml"),
+                                     "--max_steps", "2", "-rs", "1", "--config", str(tmp_path / "cfg.yaml"), "--include_val_slice",
                                      "--records_dir", str(tmp_path / "train")])
     ckpt = result.final_checkpoint
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())["editor_config"]
@@ -306,3 +306,38 @@ def test_checkpoint_is_evaluated_with_its_saved_editor_config(tiny_dirs, data_di
     with pytest.raises(UserError, match="edit_layer=4 is out of range"):
         main(argv(tiny_dirs, data_dir, tmp_path / "records2", "-ckpt", str(bare), "-dsn", "2", editor="liveedit"))
     assert "has no saved editor config" in capsys.readouterr().err
+
+
+def test_verified_generations_equal_step_by_step_decoding(load_tiny, data_dir, images):
+    """run_samples checks a candidate generation with one teacher-forced pass and decodes step by
+    step only where it fails; the outputs equal full greedy decoding of every sample (an FT-L-edited
+    model, targets and locality candidates alike)."""
+    from editors.ft_l import FTLConfig, FTLEditor
+    from evaluation.scoring import run_samples
+    from vl_datasets import load_dataset
+    bb = load_tiny("blip2")
+    ed = FTLEditor(bb, FTLConfig(layer=2, steps=5, lr=1e-2, early_stop_loss=0.0, norm_constraint=None))
+    recs = load_dataset("EVQA", "eval", data_dir)
+    samples = [s for r in recs for s in r.samples().values()]
+    try:
+        pre = run_samples(ed, samples, 3)
+        ed.edit(recs[0].edit)
+        ed.edit(recs[1].edit)
+        got = run_samples(ed, samples, 3, expected=[o.gen for o in pre])
+        with torch.no_grad():
+            full = [list(g[:len(o.target)]) for o, g in zip(got, ed.generate(samples, 8))]
+        assert [o.gen for o in got] == full
+        assert any(o.gen != o.target for o in got) and any(o.gen == o.target for o in got)  # both paths ran
+    finally:
+        ed.restore()
+
+
+def test_val_split_names_the_run_folder(tiny_dirs, tmp_path):
+    """--split val evaluates the val records (for a real dataset: the last 10% of its train file) in
+    a run folder of its own."""
+    data = write_evqa(tmp_path / "data", n=20)
+    out = main(argv(tiny_dirs, data, tmp_path / "rec", "--split", "val"))
+    assert out["run_dir"] == tmp_path / "rec" / "none" / "tiny-blip2" / "val" / "EVQA" / "sequential_edit_2"
+    assert out["means"]["total"]["n_records"] == 2
+    with pytest.raises(UserError, match="too few for a val slice"):
+        main(argv(tiny_dirs, write_evqa(tmp_path / "small", n=5), tmp_path / "rec2", "--split", "val"))

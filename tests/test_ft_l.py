@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editors import EDITORS
-from editors.ft_l import FTLConfig, FTLEditor, ffn_output_projection
+from editors.ft_l import FTLConfig, FTLEditor
 from editors.none import NoneConfig
 from evaluation.cli import main
 from fixtures import write_evqa
@@ -58,7 +58,7 @@ def test_ft_l_edits_one_layer_and_restores_exactly(family, module, load_tiny, da
     bb = load_tiny(family)
     request = load_dataset("EVQA", "eval", data_dir)[0].edit
     editor = EDITORS.get("ft-l")(bb, tiny_cfg())
-    target = ffn_output_projection(bb.layer(2))
+    target = bb.mlp_output_projection(2)
     assert target is (bb.layer(2).fc2 if module == "fc2" else bb.layer(2).mlp.down_proj)
     assert editor.weight is target.weight
     before = snapshot(bb)

@@ -26,11 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 N_RECORDS, BS, STEPS, CUT = 7, 3, 6, 3   # 3 batches per epoch (3, 3, 1): steps 4-6 are epoch 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def test_editors():
-    names = dummy_editor.register()
-    yield names
-    dummy_editor.unregister()
+pytestmark = pytest.mark.usefixtures("dummy_editors")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +44,7 @@ def write_config(path: Path, dropout=0.1, random_rephrase=True, cut=CUT, max_ste
 def train_args(tiny_dirs, evqa_dir, records, config, *extra):
     return ["-en", "dummy-residual", "-mn", "tiny-blip2", "--model_path", str(tiny_dirs["blip2"]),
             "-dna", "EVQA", "--data_dir", str(evqa_dir), "-bs", str(BS), "--config", str(config),
-            "--records_dir", str(records), "-rs", "1", *map(str, extra)]
+            "--records_dir", str(records), "-rs", "1", "--include_val_slice", *map(str, extra)]
 
 
 def log_entries(run_dir: Path):
@@ -222,7 +218,7 @@ def test_two_process_data_parallel_on_cpu(tiny_dirs, evqa_dir, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(ROOT / "tests" / "dp_launcher.py"), str(out), *args]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -4,23 +4,26 @@ Layout of one checkpoint, ``<run>/checkpoints/step_<N>/`` (written to a temporar
 renamed into place, so a crash never leaves a half-written checkpoint under that name):
 
 - ``trainable.safetensors``: the editor's ``trainable_state_dict()``; its metadata holds
-  ``editor`` (the editor's name), ``backbone`` (full backbone name), ``dataset``, ``run``, ``step``
-  and ``format``;
+  ``editor`` (the editor's name), ``backbone`` (full backbone name), ``dataset``, ``run``, ``step``,
+  ``format`` and ``log_sha256`` (see ``training/runlog.py``);
 - ``training_state.pt``: what exact resume needs (step, data-order position, optimizer, scheduler
-  and grad-scaler state, the displayed EMA loss, the RNG states of every process);
+  and grad-scaler state, the displayed EMA loss, the RNG states of every process, ``log_sha256``);
 - ``config.yaml``: the run's resolved editor config and CLI arguments (as in the run folder).
+
+The latest checkpoint of a run is the highest step that agrees with the run's log.
 """
-import os
-import shutil
-import tempfile
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from backbones.fingerprint import check_same_backbone
+from training import runlog
 from utils.errors import UserError
-from utils.io import write_yaml
+from utils.io import atomic_dir, write_yaml
 
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
@@ -39,19 +42,63 @@ def _step_of(folder: Path) -> int:
         return -1
 
 
+def is_checkpoint_folder(path) -> bool:
+    """``path`` names one checkpoint (its folder or its weights file), not a run folder."""
+    p = Path(path)
+    return (p.is_file() and p.name == WEIGHTS_FILE) or (p.is_dir() and (p / WEIGHTS_FILE).is_file())
+
+
+def run_of(ckpt: Path) -> Path | None:
+    """The run folder of a checkpoint in the training layout (``<run>/checkpoints/step_<N>``)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def _metadata(weights: Path) -> dict:
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"checkpoint weights {weights} are unreadable: {e}") from None
+
+
+def checkpoint_agrees(ckpt: Path, log_lines=None) -> bool:
+    """Whether checkpoint ``ckpt`` agrees with its run's log (``training/runlog.py``); ``log_lines``:
+    the log as read by ``runlog.read_lines``, read here when not given."""
+    run = run_of(ckpt)
+    if log_lines is None and run is not None and runlog.log_path(run).is_file():
+        log_lines = runlog.read_lines(runlog.log_path(run))
+    return runlog.agrees(log_lines, _step_of(ckpt), _metadata(ckpt / WEIGHTS_FILE).get("log_sha256"))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The highest-step checkpoint under a run folder or its ``checkpoints/`` folder that agrees
+    with the run's log; None when there is none."""
+    folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    steps = sorted((d for d in folder.glob("step_*") if (d / WEIGHTS_FILE).is_file() and _step_of(d) >= 0),
+                   key=_step_of, reverse=True)
+    if not steps:
+        return None
+    log = runlog.log_path(folder.parent)
+    lines = runlog.read_lines(log) if folder.name == "checkpoints" and log.is_file() else None
+    return next((d for d in steps if checkpoint_agrees(d, lines)), None)
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder from: that folder, its ``trainable.safetensors``, a run folder or its
-    ``checkpoints/`` folder (the latest step). A missing or unrecognised path is a UserError."""
+    ``checkpoints/`` folder (the latest step that agrees with the run's log). A missing or
+    unrecognised path is a UserError."""
     p = Path(path)
     if p.is_file() and p.name == WEIGHTS_FILE:
         return p.parent
     if p.is_dir():
         if (p / WEIGHTS_FILE).is_file():
             return p
-        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        steps = [d for d in folder.glob("step_*") if (d / WEIGHTS_FILE).is_file() and _step_of(d) >= 0]
-        if steps:
-            return max(steps, key=_step_of)
+        latest = latest_checkpoint(p)
+        if latest is not None:
+            return latest
+        if any(p.glob("step_*")) or any(p.glob("checkpoints/step_*")):
+            raise UserError(f"checkpoint {str(path)!r}: no checkpoint there agrees with the run's log "
+                            f"{runlog.LOG_FILE}; give one checkpoint folder (.../checkpoints/step_<N>)")
     what = "does not exist" if not p.exists() else "holds no checkpoint"
     raise UserError(f"checkpoint {str(path)!r} {what}; expected a checkpoint folder "
                     f"(.../checkpoints/step_<N>) holding {WEIGHTS_FILE}, that file, or a run folder")
@@ -59,34 +106,18 @@ def resolve_checkpoint(path) -> Path:
 
 def read_metadata(ckpt) -> dict:
     """The metadata of a checkpoint's trainable weights (``ckpt``: anything resolve_checkpoint takes)."""
-    path = resolve_checkpoint(ckpt) / WEIGHTS_FILE
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"checkpoint weights {path} are unreadable: {e}") from None
+    return _metadata(resolve_checkpoint(ckpt) / WEIGHTS_FILE)
 
 
 def save_checkpoint(run_dir, step: int, weights: dict, metadata: dict, state: dict, config: dict) -> Path:
     """Write checkpoint ``step`` of ``run_dir`` atomically (replacing one of the same step)."""
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    old = None
-    try:
+    with atomic_dir(final) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE),
                   metadata={"format": FORMAT, **{k: str(v) for k, v in metadata.items()}})
         torch.save(state, tmp / STATE_FILE)
         write_yaml(tmp / CONFIG_FILE, config)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -95,7 +126,15 @@ def load_training_state(ckpt) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path.parent} has no {STATE_FILE}; it cannot be resumed")
     # Our own file: it holds numpy / python RNG states, which the weights-only unpickler refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"training state {path} is unreadable (truncated or corrupt: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); resume from another "
+                        f"checkpoint of the run") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"training state {path} is not a training state of this suite (no step)")
+    return state
 
 
 def load_trained_weights(editor, ckpt_path) -> dict:
@@ -111,5 +150,10 @@ def load_trained_weights(editor, ckpt_path) -> dict:
                         f"but this run uses editor {want[0]!r} on backbone {want[1]!r}")
     if not getattr(editor, "trainable", False):
         raise UserError(f"editor {editor.name!r} is not trainable; it takes no -ckpt")
-    editor.load_trainable_state_dict(load_file(str(ckpt / WEIGHTS_FILE), device="cpu"))
+    check_same_backbone(f"checkpoint {ckpt}", meta.get("backbone_fingerprint"), editor.backbone.fingerprint)
+    try:
+        weights = load_file(str(ckpt / WEIGHTS_FILE), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"checkpoint weights {ckpt / WEIGHTS_FILE} are unreadable: {e}") from None
+    editor.load_trainable_state_dict(weights)
     return meta

@@ -12,11 +12,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import yaml
-
 from training.checkpoint import CONFIG_FILE, resolve_checkpoint
-from utils.errors import UserError
+from utils.devices import check_available, default_device, parse_device, parse_device_list
+from utils.errors import CliParser, UserError
+from utils.io import read_yaml
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -53,38 +52,12 @@ IDENTITY = ("editor_name", "edit_model_name", "data_name", "batch_size", "random
             "include_val_slice")
 
 
-def default_device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
 def _none_or(value: str):
     return None if value is None or value.strip().lower() == "none" else value
 
 
-def normalize_device(value: str, flag: str) -> str:
-    """'cpu', 'cuda', 'cuda:N' or a bare GPU index 'N' (as the reference scripts write it)."""
-    v = value.strip().lower()
-    if v.isdigit():
-        return f"cuda:{v}"
-    if v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
-        return v
-    raise UserError(f"{flag}: unknown device {value!r}; expected cpu, cuda, cuda:N or a GPU index N")
-
-
-def parse_extra_devices(value):
-    """'none' or a comma list of devices ('1,2' or 'cuda:1,cuda:2') -> list of device strings."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [normalize_device(str(v), "-edvc") for v in value] or None
-    value = _none_or(str(value))
-    if value is None or not value.strip():
-        return None
-    return [normalize_device(v, "-edvc") for v in value.split(",") if v.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="train_vllm_editor.py",
         description="Train a trainable knowledge editor (e.g. LiveEdit) on a frozen vision-language "
                     "model. Multi-process data parallel: `accelerate launch --num_processes N "
@@ -125,9 +98,8 @@ def _saved_args(ckpt: Path) -> dict:
     path = ckpt / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"checkpoint {ckpt} has no {CONFIG_FILE}; it cannot be resumed")
-    with open(path, encoding="utf-8") as f:
-        saved = yaml.safe_load(f) or {}
-    if not isinstance(saved.get("args"), dict) or "editor_config" not in saved:
+    saved = read_yaml(path, "checkpoint config") or {}
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict) or "editor_config" not in saved:
         raise UserError(f"{path} is not a training config (no 'args' / 'editor_config')")
     return saved
 
@@ -173,9 +145,10 @@ def resolve_options(ns: argparse.Namespace):
         values = given
     values["load_ckpt_path"] = str(ckpt) if ckpt else None
     opts = TrainOptions(**values)
-    opts.device = ("auto" if str(opts.device).strip().lower() == "auto"        # a backbone split over the GPUs
-                   else normalize_device(opts.device, "-dvc") if opts.device else default_device())
-    opts.extra_devices = parse_extra_devices(opts.extra_devices)
+    # -dvc auto: a backbone split over the GPUs (backbones/devices.py)
+    opts.device = (check_available(parse_device(opts.device, "-dvc", allow_auto=True)) if opts.device
+                   else default_device())
+    opts.extra_devices = parse_device_list(opts.extra_devices, "-edvc")
     _validate(opts)
     if opts.random_seed is None:
         opts.random_seed = random.SystemRandom().randrange(2 ** 31)

@@ -18,8 +18,9 @@ _LAYOUTS = {
     "VLKEB": dict(files={"train": "VLKEB/train.json", "eval": "VLKEB/eval.json"},
                   image_root="VLKEB/mmkb_images", vqa_prompts=False),
 }
-# The real datasets ship no validation file: their ``val`` split is the last REAL_VAL_SLICE records of
-# the train file, which training leaves out (train_vllm_editor.py --include_val_slice keeps them).
+# The real datasets ship no validation file: their ``val`` split is the last 10% of the train file, at
+# most REAL_VAL_SLICE records (E-VQA 500, E-IC 284, VLKEB 500), which training leaves out
+# (train_vllm_editor.py --include_val_slice keeps them).
 REAL_VAL_SLICE = 500
 _SYNTH_VAL = {"EVQA": "easy-edit-mm/vqa/vqa_val.json", "EIC": "easy-edit-mm/caption/caption_val_edit.json",
               "VLKEB": "VLKEB/val.json"}
@@ -41,15 +42,13 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 
 
 def load_dataset(name: str, split: str, data_dir=None, limit: int | None = None,
-                 include_val_slice: bool = False) -> list[EditRecord]:
-    """Load ``split`` ('train', 'val' or 'eval') of dataset ``name``; synthetic datasets are
-    generated on first use. ``include_val_slice``: see ``load_records``."""
+                 include_val_slice: bool = False, verify_images: bool = True) -> list[EditRecord]:
+    """Load ``split`` ('train', 'val' or 'eval') of dataset ``name`` (``include_val_slice``,
+    ``verify_images``: see ``load_records``). A synthetic dataset must have been generated: the scripts first call
+    ``synthetic.embedded.prepare_dataset``, which generates the world on first use."""
     spec = get_dataset_spec(name)
     data_dir = Path(data_dir) if data_dir else DATA_DIR
-    if spec.synthetic:
-        from synthetic.world import ensure_world
-        ensure_world(data_dir / "synthetic")
-    return load_records(spec, data_dir, split, limit, include_val_slice)
+    return load_records(spec, data_dir, split, limit, include_val_slice, verify_images)
 
 
 __all__ = ["DATASETS", "REAL_VAL_SLICE", "EditRecord", "Sample", "get_dataset_spec", "load_dataset", "open_image"]

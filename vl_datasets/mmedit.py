@@ -3,15 +3,19 @@
 Schema: a list of records with keys ``src, rephrase, pred, alt, image, image_rephrase, loc, loc_ans,
 m_loc, m_loc_q, m_loc_a``; image paths are relative to the dataset's image root.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils.errors import UserError
-from vl_datasets.records import EditRecord, Sample
+from utils.io import read_json
+from utils.paths import inside
+from vl_datasets.records import EditRecord, Sample, check_images
 
 REQUIRED_KEYS = ("src", "rephrase", "pred", "alt", "image", "image_rephrase",
                  "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
+IMAGE_KEYS = ("image", "image_rephrase", "m_loc")
+# Prompts and targets: each must be a non-empty string (a null or a number is never silently str()-ed).
+TEXT_KEYS = ("src", "rephrase", "alt", "loc", "loc_ans", "m_loc_q", "m_loc_a")
 
 
 @dataclass(frozen=True)
@@ -23,9 +27,13 @@ class DatasetSpec:
     image_root: str        # relative to the data dir
     vqa_prompts: bool      # E-VQA style: "{question} The answer is:"; else src/rephrase as is
     synthetic: bool = False
-    # Datasets that ship no validation file: ``val`` is the last ``val_slice`` records of the train
-    # file, and ``train`` leaves them out (unless ``include_val_slice``). 0: ``val`` has its own file.
+    # Datasets that ship no validation file: ``val`` is the last min(val_slice, n // 10) records of
+    # the train file of n records, and ``train`` leaves them out (unless ``include_val_slice``).
+    # 0: ``val`` has its own file.
     val_slice: int = 0
+
+    def val_slice_size(self, n_train_file: int) -> int:
+        return min(self.val_slice, n_train_file // 10)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -47,49 +55,66 @@ def record_from_json(spec: DatasetSpec, raw: dict, index: int, image_root: Path,
     for key in REQUIRED_KEYS:
         if key not in raw:
             raise UserError(f"{where}: record {index} lacks key {key!r}")
+    for key in TEXT_KEYS:
+        value = raw[key]
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{where}: record {index} key {key!r} must be a non-empty string, got "
+                            f"{'null' if value is None else repr(value)}")
     images = {}
-    for key in ("image", "image_rephrase", "m_loc"):
-        path = image_root / raw[key]
+    for key in IMAGE_KEYS:
+        value = raw[key]
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{where}: record {index} key {key!r} must be an image path (a non-empty string), "
+                            f"got {value!r}")
+        try:
+            path = inside(image_root, value)
+        except ValueError:
+            raise UserError(f"{where}: record {index} key {key!r}: image path {value!r} leads outside the image "
+                            f"folder {image_root}") from None
         if not path.is_file():
             raise UserError(f"image file missing: {path} (record {index} key {key!r} in {where})")
         images[key] = str(path)
     fmt = answer_prompt if spec.vqa_prompts else (lambda s: s)
-    target = str(raw["alt"])
+    target = raw["alt"]
     return EditRecord(
         index=index,
         edit=Sample(fmt(raw["src"]), target, images["image"]),
         text_rephrase=Sample(fmt(raw["rephrase"]), target, images["image"]),
         image_rephrase=Sample(fmt(raw["src"]), target, images["image_rephrase"]),
-        text_loc=Sample(f"{raw['loc']}?", str(raw["loc_ans"]), None),
-        image_loc=Sample(answer_prompt(raw["m_loc_q"]), str(raw["m_loc_a"]), images["m_loc"]),
+        text_loc=Sample(f"{raw['loc']}?", raw["loc_ans"], None),
+        image_loc=Sample(answer_prompt(raw["m_loc_q"]), raw["m_loc_a"], images["m_loc"]),
         pred=None if raw["pred"] is None else str(raw["pred"]),
     )
 
 
 def load_records(spec: DatasetSpec, data_dir, split: str, limit: int | None = None,
-                 include_val_slice: bool = False) -> list[EditRecord]:
+                 include_val_slice: bool = False, verify_images: bool = True) -> list[EditRecord]:
     """Read ``split`` of ``spec`` under ``data_dir``; ``limit`` keeps the first N records. For a
     dataset whose ``val`` is a slice of its train file, ``train`` leaves that slice out unless
-    ``include_val_slice``."""
+    ``include_val_slice``. Every record is checked (keys, non-empty string prompts and targets, image
+    paths inside the image folder) and, with ``verify_images``, every image is opened and decoded
+    once, so a bad one is found before a run writes anything."""
     path = spec.split_file(data_dir, split)
     if not path.is_file():
-        raise UserError(f"dataset {spec.name}: annotation file missing: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"dataset {spec.name}: {path} is not valid JSON ({e})") from None
+        hint = (" (generate the synthetic world with `python -m synthetic.world`; the main scripts do it on "
+                "first use)" if spec.synthetic else "")
+        raise UserError(f"dataset {spec.name}: annotation file missing: {path}{hint}")
+    raw = read_json(path, f"dataset {spec.name}: annotation file")
     if not isinstance(raw, list):
         raise UserError(f"dataset {spec.name}: {path} must hold a JSON list of records")
     if spec.val_slice and split in ("train", "val"):
-        if len(raw) <= spec.val_slice:
-            raise UserError(f"dataset {spec.name}: {path} has {len(raw)} records; its last {spec.val_slice} "
-                            f"are the val split, so it needs more")
-        cut = len(raw) - spec.val_slice
+        n_val = spec.val_slice_size(len(raw))
+        if split == "val" and n_val == 0:
+            raise UserError(f"dataset {spec.name}: {path} has {len(raw)} records, too few for a val slice "
+                            f"(its last 10%, at most {spec.val_slice})")
+        cut = len(raw) - n_val
         raw = raw[cut:] if split == "val" else (raw if include_val_slice else raw[:cut])
     if limit is not None:
         if limit <= 0:
             raise UserError(f"the number of records must be positive, got {limit}")
         raw = raw[:limit]
     image_root = Path(data_dir) / spec.image_root
-    return [record_from_json(spec, r, i, image_root, str(path)) for i, r in enumerate(raw)]
+    records = [record_from_json(spec, r, i, image_root, str(path)) for i, r in enumerate(raw)]
+    if verify_images:
+        check_images(records)
+    return records

@@ -32,12 +32,31 @@ class EditRecord:
                 "t_loc": self.text_loc, "m_loc": self.image_loc}
 
 
-def open_image(path: str) -> Image.Image:
-    """Open an image as RGB; a missing or unreadable file is a UserError naming the path."""
+def open_image(path: str, check_only: bool = False) -> Image.Image | None:
+    """Open an image as RGB; a missing or unreadable file is a UserError naming the path.
+    ``check_only``: decode it (a JPEG at 1/8 scale, which still reads the whole stream) and return None."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            if not check_only:
+                return im.convert("RGB")
+            im.draft("RGB", (1, 1))
+            im.load()
+            return None
     except FileNotFoundError:
         raise UserError(f"image file missing: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises all of these
         raise UserError(f"image unreadable: {path} ({e})") from None
+
+
+def check_images(records, workers: int = 4) -> None:
+    """Open and decode every distinct image of ``records`` once: the first bad one is a UserError
+    naming it (images are opened lazily during a run, which would be too late)."""
+    paths = sorted({s.image for r in records for s in r.samples().values() if s is not None and s.image})
+    if len(paths) < 64:
+        for p in paths:
+            open_image(p, check_only=True)
+        return
+    from concurrent.futures import ThreadPoolExecutor   # PIL decodes without the GIL
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(lambda p: open_image(p, check_only=True), paths):
+            pass

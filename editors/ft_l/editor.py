@@ -1,5 +1,5 @@
 """FT-L: each edit fine-tunes the output projection of the feed-forward block of one decoder layer
-(OPT ``fc2``, Llama ``mlp.down_proj``) on the edit's teacher-forced target NLL, for a fixed number of
+(the backbone's named site ``mlp_output_projection``: OPT ``fc2``, Llama ``down_proj``) on the edit's teacher-forced target NLL, for a fixed number of
 Adam steps; edits accumulate (lifelong). Optionally each edit's change is clamped to an L-infinity
 ball around the weights before that edit (the "L" of FT-L in the ROME paper).
 
@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from editors import EDITORS
-from editors.base import BaseEditor
-from evaluation.checkpoints import checkpoint_metadata
+from editors.base import BaseEditor, owner_metadata
 from utils.errors import UserError
 from utils.io import atomic_path
 from utils.losses import masked_nll
@@ -35,16 +34,6 @@ class FTLConfig:
     norm_constraint: float | None  # max |change| of any weight entry per edit; null: unconstrained
 
 
-def ffn_output_projection(layer: torch.nn.Module) -> torch.nn.Linear:
-    """The output projection of a decoder layer's feed-forward block (OPT ``fc2``, Llama ``down_proj``)."""
-    if isinstance(getattr(layer, "fc2", None), torch.nn.Linear):
-        return layer.fc2
-    mlp = getattr(layer, "mlp", None)
-    if isinstance(getattr(mlp, "down_proj", None), torch.nn.Linear):
-        return mlp.down_proj
-    raise ValueError(f"decoder layer {type(layer).__name__} has no fc2 or mlp.down_proj to fine-tune")
-
-
 @EDITORS.register("ft-l")
 class FTLEditor(BaseEditor):
     name = "ft-l"
@@ -58,7 +47,7 @@ class FTLEditor(BaseEditor):
         if config.steps < 1 or config.lr <= 0:
             raise UserError(f"ft-l: steps must be >= 1 and lr > 0, got steps={config.steps} lr={config.lr}")
         self.layer_index = config.layer % n
-        self.module = ffn_output_projection(backbone.layer(self.layer_index))
+        self.module = backbone.mlp_output_projection(self.layer_index)
         self.weight = self.module.weight
         if self.weight.device.type == "meta":
             raise UserError(f"ft-l: the weight of layer {self.layer_index} is offloaded by accelerate (on 'meta'); "
@@ -113,7 +102,7 @@ class FTLEditor(BaseEditor):
     def save_state(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        meta = checkpoint_metadata(self.name, self.backbone.name, layer=self.layer_index, n_edits=self.n_edits)
+        meta = owner_metadata(self.name, self.backbone.name, layer=self.layer_index, n_edits=self.n_edits)
         with atomic_path(Path(directory) / STATE_FILE) as tmp:
             save_file({"weight": self.weight.detach().cpu().contiguous()}, str(tmp), metadata=meta)
 

@@ -18,6 +18,7 @@ from editors.liveedit.config import LOSS_TERMS, LiveEditConfig
 from editors.liveedit.modules import (FeatureExtractor, LowRankGenerator, expert_mixture, paired_similarity,
                                       similarity)
 from editors.liveedit.repository import ExpertRepository
+from training.distributed import gather_rows, local_rows
 from utils.errors import UserError
 from utils.losses import masked_kl, masked_nll
 from vl_datasets.records import EditRecord, Sample
@@ -28,8 +29,13 @@ class TrainingBatch:
     """``prepare_training_batch``'s result: one encoded batch of every sample of the records."""
 
     n_records: int
-    n_loc: int
-    batch: VLBatch
+    batch: VLBatch            # rows: R edits, R text rephrases, R image rephrases, R image locs
+    image_ids: torch.Tensor   # [R] an id of each record's edit image file (same file, same id)
+
+
+def _path_id(path: str) -> int:
+    """A stable 63-bit id of an image file path (records that edit the same file share it)."""
+    return int.from_bytes(hashlib.sha256(str(path).encode()).digest()[:8], "little") >> 1
 
 
 def span_masks(batch: VLBatch):
@@ -52,18 +58,18 @@ class LiveEditNet(nn.Module):
 
     def __init__(self, d: int, n_vision: int, cfg: LiveEditConfig):
         super().__init__()
-        k, d_m, h, r = cfg.n_queries, cfg.d_m, cfg.heads, cfg.rank
-        self.edit_extractor = FeatureExtractor(d, d_m, k, h)
-        self.input_extractor = FeatureExtractor(d, d_m, k, h, n_vision=n_vision)
-        self.gen_u = LowRankGenerator(d, d_m, r, h, cfg.scale)
-        self.gen_v = LowRankGenerator(d, d_m, r, h, cfg.scale)
+        k, d_m, h, r, proj = cfg.n_queries, cfg.d_m, cfg.heads, cfg.rank, cfg.attention_out_proj
+        self.edit_extractor = FeatureExtractor(d, d_m, k, h, out_proj=proj)
+        self.input_extractor = FeatureExtractor(d, d_m, k, h, n_vision=n_vision, out_proj=proj,
+                                                sentinel_init=cfg.sentinel_init)
+        self.gen_u = LowRankGenerator(d, d_m, r, h, cfg.scale, out_proj=proj)
+        self.gen_v = LowRankGenerator(d, d_m, r, h, cfg.scale, out_proj=proj)
         self.ln_x = nn.LayerNorm(d)
-        # LoRA-style start: V's output projection is zero, so a fresh editor's experts add exactly
-        # nothing; V learns first while relu(U x) is still half active. (With random U and V at
-        # the start, the locality/reliability losses quickly drive every relu(U x) to zero and the
-        # experts die for good: seen on a tiny BLIP-2.)
-        nn.init.zeros_(self.gen_v.attn.out.weight)
-        nn.init.zeros_(self.gen_v.attn.out.bias)
+        if cfg.zero_init_v:
+            # LoRA-style start (this project's first modules): a fresh editor's experts add nothing
+            last = self.gen_v.attn.out if proj else self.gen_v.attn.v
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
 
 @EDITORS.register("liveedit")
@@ -203,18 +209,6 @@ class LiveEdit(BaseEditor):
                                 f"expects {tuple(own[k].shape)}")
         self.net.load_state_dict(state)
 
-    def _random_sets(self, owners: torch.Tensor, n: int) -> torch.Tensor:
-        """Expert sets [S, n] (bool) for S samples over the n experts of the batch. A sample with an
-        owner (>= 0) gets its own expert plus a uniformly random number (0..n-1) of random others; one
-        without (-1, a locality sample) gets a random non-empty set (1..n experts)."""
-        g, S = self.generator, owners.shape[0]
-        own = F.one_hot(owners.clamp(min=0), n).bool() & (owners >= 0)[:, None]
-        scores = torch.rand(S, n, generator=g).masked_fill(own, 2.0)        # own expert ranks last
-        rank = scores.argsort(1).argsort(1)
-        count = torch.where(owners >= 0, torch.randint(0, n, (S,), generator=g),
-                            torch.randint(1, n + 1, (S,), generator=g))
-        return own | (rank < count[:, None])
-
     def prepare_training_batch(self, records: Sequence[EditRecord]) -> "TrainingBatch":
         """Encode every sample of a batch of records in one call (no randomness: the training loop
         may run this in its prefetch thread); ``training_losses`` accepts the result."""
@@ -222,13 +216,43 @@ class LiveEdit(BaseEditor):
             raise UserError("LiveEdit training needs at least one record per batch")
         for r in records:
             for kind, s in (("edit", r.edit), ("text_rephrase", r.text_rephrase),
-                            ("image_rephrase", r.image_rephrase)):
+                            ("image_rephrase", r.image_rephrase), ("image_loc", r.image_loc)):
                 if s.image is None:
                     raise UserError(f"record {r.index}: LiveEdit training needs an image on its {kind} sample")
-        locs = [r.image_loc for r in records if r.image_loc.image is not None]   # M-Loc with an image only
         samples = ([r.edit for r in records] + [r.text_rephrase for r in records]
-                   + [r.image_rephrase for r in records] + locs)
-        return TrainingBatch(len(records), len(locs), self.backbone.encode(samples))
+                   + [r.image_rephrase for r in records] + [r.image_loc for r in records])
+        image_ids = torch.tensor([_path_id(r.edit.image) for r in records], dtype=torch.long)
+        return TrainingBatch(len(records), self.backbone.encode(samples), image_ids)
+
+    def _draws(self, G: int) -> dict:
+        """Every random choice of one training step, for the G records of the *global* batch, from
+        the editor's generator (seeded alike on every process, so data-parallel processes draw the
+        same and each takes its rows)."""
+        g = self.generator
+        ri = lambda hi, shape: torch.randint(0, hi, shape, generator=g)
+        return {"a_kind": ri(3, (G,)),           # routing pair, first sample: rel, gen or loc
+                "a_gen": ri(2, (G,)),            # ... a gen sample: text or image rephrase
+                "b_pick": ri(3, (G,)),           # ... second sample of a rel/gen pair: rel, t-gen, m-gen
+                "s_order": ri(2, (G,)),          # sentinel pair: (rel/gen, loc) or (loc, rel/gen)
+                "s_pick": ri(3, (G,)),           # ... its rel/gen sample
+                "set_size": ri(G + 1, (G, 4)),   # expert sets: n of the batch's experts per sample kind
+                "set_scores": torch.rand(G, 4, G, generator=g)}   # "random" sets: which n
+
+    def _expert_sets(self, draws: dict, offset: int, R: int, G: int, dev) -> torch.Tensor:
+        """[4R, G] bool: the experts adapting each local sample (rows kind-major: rel, t-gen, m-gen,
+        loc). Rel and gen samples get their record's expert, every sample n more of the batch's."""
+        n = draws["set_size"][offset:offset + R].T.reshape(-1)            # [4R], kind-major
+        cols = torch.arange(G)
+        own_col = (offset + torch.arange(R)).repeat(4)
+        own = (cols[None] == own_col[:, None]) & (torch.arange(4 * R) < 3 * R)[:, None]
+        if self.config.expert_sets == "prefix":
+            extra = cols[None] < n[:, None]
+        else:   # a random n of the others; a loc sample at least one
+            scores = draws["set_scores"][offset:offset + R].transpose(0, 1).reshape(4 * R, G)
+            rank = scores.masked_fill(own, 2.0).argsort(1).argsort(1)
+            n = torch.where(own.any(1), n.clamp(max=G - 1), n.clamp(min=1))
+            extra = rank < n[:, None]
+        return (own | extra).to(dev)
 
     def training_losses(self, records) -> dict[str, torch.Tensor]:
         """Weighted loss terms for a batch of records, or of ``prepare_training_batch(records)``
@@ -236,76 +260,115 @@ class LiveEdit(BaseEditor):
         samples), ``loc`` (KL to the unedited model on M-Loc samples), ``soft_relative``,
         ``soft_absolute`` (soft routing), ``hard_neighbour``, ``hard_sentinel`` (hard routing).
 
-        Rows of the one encoded batch: R edit requests, R text rephrases, R image rephrases, then
-        the locality samples that have an image. The frozen model runs once to layer l_e for all of
-        them; every loss runs only layers l_e+1.. and the head from those captured states."""
+        Rows of the one encoded batch: R edit requests, R text rephrases, R image rephrases, R
+        locality samples. The frozen model runs once to layer l_e for all of them; every loss runs
+        only layers l_e+1.. and the head from those captured states. Under data parallel, experts
+        and the features that samples are contrasted with are gathered from every process
+        (``training/distributed.py``), so each process scores its rows against the global batch."""
         prepared = records if isinstance(records, TrainingBatch) else self.prepare_training_batch(records)
         bb, le, dev = self.backbone, self.layer, self.device
-        R, n_loc, batch = prepared.n_records, prepared.n_loc, prepared.batch.to(dev)
-        n_nb = 3 * R                                            # rows of the edits' neighbourhoods
+        R, batch = prepared.n_records, prepared.batch.to(dev)
+        offset, G = local_rows(R, dev)
 
         with torch.no_grad():
-            hidden = bb.hidden_at(batch, le)                    # [S, L, d], frozen, taken once
+            hidden = bb.hidden_at(batch, le)                    # [4R, L, d], frozen, taken once
         h = hidden.float()
         vision, prompt, target = span_masks(batch)
-
-        # experts (with gradient) of the batch's edit requests, teacher forced with their targets
-        efeat = self.net.edit_extractor(h[:R], vision[:R], prompt[:R])
+        ifeat = self.net.input_extractor(h, vision, prompt)     # input side, every sample
+        efeat = self.net.edit_extractor(h, vision, prompt)      # edit side, every sample
         span = (vision | prompt | target)[:R]                  # H_e = concat(H_v, H_p, H_o)
-        U, V = self.net.gen_u(h[:R], span), self.net.gen_v(h[:R], span)
-
-        # input-side features of every sample
-        ifeat = self.net.input_extractor(h, vision, prompt)
-        owners = torch.cat([torch.arange(R).repeat(3), torch.full((n_loc,), -1, dtype=torch.long)])
-        owner_nb = owners[:n_nb].to(dev)
-        own = F.one_hot(owner_nb, R).bool()                    # [3R, R] the matching pairs
+        U = gather_rows(self.net.gen_u(h[:R], span))            # experts of the global batch
+        V = gather_rows(self.net.gen_v(h[:R], span))
+        psi_hat = gather_rows(efeat.psi[:R])
+        draws = self._draws(G)
 
         # each sample adapted by its expert set, weighted by soft routing
-        sets = self._random_sets(owners, R).to(dev)
-        t = similarity(ifeat.psi, efeat.psi)                   # [S, R]
-        soft = torch.softmax(t.masked_fill(~sets, float("-inf")), dim=1)
-        w = torch.where(sets, soft * torch.sigmoid(t), torch.zeros_like(t))
+        sets = self._expert_sets(draws, offset, R, G, dev)
+        t = similarity(ifeat.psi, psi_hat)                      # [4R, G]
+        masked = t.masked_fill(~sets, float("-inf"))
+        masked = torch.where(sets.any(1, keepdim=True), masked, torch.zeros_like(t))  # no NaN rows
+        w = torch.where(sets, torch.softmax(masked, 1) * torch.sigmoid(t), torch.zeros_like(t))
         delta = expert_mixture(self.net.ln_x(h), w, U, V)
         logits = bb.logits_from(hidden + delta.to(hidden.dtype), batch, le)
-        labels = batch.labels
+        nll = masked_nll(logits[:3 * R], batch.labels[:3 * R], per_sample=True)   # each sample's token mean
+        loc_rows = torch.arange(3 * R, 4 * R, device=dev)
+        with torch.no_grad():                                   # the unedited model, same captured states
+            ref = bb.logits_from(hidden[loc_rows], select_rows(batch, loc_rows), le)
+        losses = {"rel": nll[:R].mean(), "gen": nll[R:].mean(),
+                  "loc": masked_kl(logits[3 * R:], ref, batch.labels[3 * R:], per_sample=True).mean()}
 
-        zero = logits.new_zeros(())
-        nll = masked_nll(logits[:n_nb], labels[:n_nb], per_sample=True)   # each sample's token mean
-        losses = {"rel": nll[:R].mean(), "gen": nll[R:].mean()}
-        if n_loc:
-            loc_rows = torch.arange(n_nb, n_nb + n_loc, device=dev)
-            with torch.no_grad():                             # the unedited model, same captured states
-                ref = bb.logits_from(hidden[loc_rows], select_rows(batch, loc_rows), le)
-            losses["loc"] = masked_kl(logits[n_nb:], ref, labels[n_nb:], per_sample=True).mean()
-        else:
-            losses["loc"] = zero
-
-        # soft routing: rel/gen samples of record j against the edit features psi_hat of the batch
-        t_nb = t[:n_nb]
-        losses["soft_relative"] = F.cross_entropy(t_nb, owner_nb)
-        soft_abs = -F.logsigmoid(t_nb[own]).mean()
-        if R > 1:
-            soft_abs = soft_abs - F.logsigmoid(-t_nb[~own]).mean()
-        losses["soft_absolute"] = soft_abs
-
-        # hard routing over [sim(phi_bar_a, phi_hat_b) for b in batch] + [sim(phi_bar_a, phi_bar_S)]
-        hard = torch.cat([similarity(ifeat.phi, efeat.phi),
-                          paired_similarity(ifeat.phi, ifeat.phi_sentinel)[:, None]], 1)   # [S, R+1]
-        losses["hard_neighbour"] = F.cross_entropy(hard[:n_nb], owner_nb)
-        # the sentinel must win against every edit of another neighbourhood: locality samples
-        # against all edits of the batch, rel/gen samples against the other records' edits
-        parts = [hard[n_nb:]]
-        if R > 1:
-            parts.insert(0, hard[:n_nb].masked_fill(F.pad(own, (0, 1)), float("-inf")))
-        sentinel_logits = torch.cat(parts)
-        if sentinel_logits.shape[0]:
-            target_s = torch.full((sentinel_logits.shape[0],), R, dtype=torch.long, device=dev)
-            losses["hard_sentinel"] = F.cross_entropy(sentinel_logits, target_s)
-        else:
-            losses["hard_sentinel"] = zero
+        # hard routing never contrasts two records that edit the same image (their experts may
+        # rightly both apply): those columns are left out
+        image_ids = prepared.image_ids.to(dev)
+        same_image = image_ids[:, None] == gather_rows(image_ids)[None]               # [R, G]
+        same_image &= torch.arange(G, device=dev)[None] != (offset + torch.arange(R, device=dev))[:, None]
+        routing = (self._neighbourhood_routing if self.config.routing_pairs == "neighbourhood"
+                   else self._edit_request_routing)
+        losses.update(routing(ifeat, efeat, draws, offset, R, G, same_image))
         weights = self.config.loss_weights
         # on one device (logits, hence rel / gen / loc, sit on the LM head's device)
         return {name: (losses[name] * getattr(weights, name)).to(dev) for name in LOSS_TERMS}
+
+    @staticmethod
+    def _soft_losses(t: torch.Tensor, own: torch.Tensor) -> dict:
+        """Soft routing over [A, G] similarities with ``own`` [A, G] marking the matching column."""
+        absolute = -F.logsigmoid(t[own]).mean()
+        if t.shape[1] > 1:
+            absolute = absolute - F.logsigmoid(-t[~own]).mean()
+        return {"soft_relative": F.cross_entropy(t, own.float().argmax(1)), "soft_absolute": absolute}
+
+    @staticmethod
+    def _hard_logits(ifeat, rows, phi_hat, blocked) -> torch.Tensor:
+        """[A, G + 1]: sim(phi_bar(a), phi_hat(b_j)) for every column j, then the sentinel's
+        sim(phi_bar(a), phi_bar_S(a)); ``blocked`` columns are -inf."""
+        phi = ifeat.phi[rows]
+        cols = similarity(phi, phi_hat).masked_fill(blocked, float("-inf"))
+        return torch.cat([cols, paired_similarity(phi, ifeat.phi_sentinel[rows])[:, None]], 1)
+
+    def _neighbourhood_routing(self, ifeat, efeat, draws, offset, R, G, same_image) -> dict:
+        """The authors' routing contrasts. Record j draws a pair (a_j, b_j) from one neighbourhood:
+        a_j is its rel, a gen or its loc sample; b_j is rel/t-gen/m-gen for a rel/gen a_j, the loc
+        sample itself for a loc a_j. The input side reads a_j, the edit side b_j. The sentinel
+        contrast pairs a rel/gen sample with the record's loc sample, in random order, and the
+        sentinel must beat every column."""
+        dev = ifeat.psi.device
+        local = lambda x: x[offset:offset + R].to(dev)
+        j = torch.arange(R, device=dev)
+        kind, a_gen, b_pick = local(draws["a_kind"]), local(draws["a_gen"]), local(draws["b_pick"])
+        loc = 3 * R + j
+        a = torch.where(kind == 0, j, torch.where(kind == 1, (1 + a_gen) * R + j, loc))
+        b = torch.where(kind == 2, loc, b_pick * R + j)
+        rel_gen = local(draws["s_pick"]) * R + j
+        first_is_loc = local(draws["s_order"]) == 1
+        a2, b2 = torch.where(first_is_loc, loc, rel_gen), torch.where(first_is_loc, rel_gen, loc)
+
+        own = torch.arange(G, device=dev)[None] == (offset + j)[:, None]              # [R, G]
+        out = self._soft_losses(similarity(ifeat.psi[a], gather_rows(efeat.psi[b])), own)
+        out["hard_neighbour"] = F.cross_entropy(self._hard_logits(ifeat, a, gather_rows(efeat.phi[b]), same_image),
+                                                offset + j)
+        sentinel = torch.full((R,), G, dtype=torch.long, device=dev)
+        out["hard_sentinel"] = F.cross_entropy(self._hard_logits(ifeat, a2, gather_rows(efeat.phi[b2]), same_image),
+                                               sentinel)
+        return out
+
+    def _edit_request_routing(self, ifeat, efeat, draws, offset, R, G, same_image) -> dict:
+        """This project's first routing contrasts: every rel/gen sample against the batch's edit
+        requests; locality samples, and rel/gen samples against other records' edits, must prefer
+        the sentinel."""
+        dev = ifeat.psi.device
+        rows = torch.arange(3 * R, device=dev)
+        owner = offset + rows % R
+        own = torch.arange(G, device=dev)[None] == owner[:, None]                     # [3R, G]
+        out = self._soft_losses(similarity(ifeat.psi[rows], gather_rows(efeat.psi[:R])), own)
+        phi_hat = gather_rows(efeat.phi[:R])
+        blocked = same_image.repeat(3, 1)
+        out["hard_neighbour"] = F.cross_entropy(self._hard_logits(ifeat, rows, phi_hat, blocked), owner)
+        loc = torch.arange(3 * R, 4 * R, device=dev)
+        sentinel_logits = torch.cat([self._hard_logits(ifeat, rows, phi_hat, blocked | own),
+                                     self._hard_logits(ifeat, loc, phi_hat, torch.zeros_like(same_image))])
+        sentinel = torch.full((4 * R,), G, dtype=torch.long, device=dev)
+        out["hard_sentinel"] = F.cross_entropy(sentinel_logits, sentinel)
+        return out
 
     # ---- edited state across processes ---------------------------------------------------------
     def weights_digest(self) -> str:

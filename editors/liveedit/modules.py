@@ -1,7 +1,12 @@
 """LiveEdit's trainable building blocks (DESIGN section 3): multi-head cross-attention, the feature
 extractor (prompt-guided visual feature, textual feature, optional vision sentinel) and the low-rank
 expert generator. Everything is batched: hidden states ``[B, L, d]`` with boolean position masks
-``[B, L]`` selecting each sample's span, so samples of different layouts share one call."""
+``[B, L]`` selecting each sample's span, so samples of different layouts share one call.
+
+Module details follow the authors' code by default (measured to matter on the tiny backbones, DESIGN
+section 3): no output projection after the attention heads (the value projection has the output
+width), the vision sentinel starts Kaiming-normal (std sqrt(2 / (n_v * d))). ``out_proj=True`` and
+``sentinel_init="normal"`` keep this project's earlier modules."""
 import math
 from dataclasses import dataclass
 
@@ -12,18 +17,22 @@ from torch import nn
 
 class CrossAttention(nn.Module):
     """``Attn(Q, X)``: queries from ``Q``, keys and values projected from ``X`` (restricted to the
-    positions where ``mask`` is true), ``heads`` heads of width ``d_model / heads``, output width
-    ``d_out``. A sample whose mask is empty gets a zero output."""
+    positions where ``mask`` is true), ``heads`` heads, output width ``d_out``. With ``out_proj`` the
+    heads (width ``d_model / heads``) are mixed by an output projection; without it (the authors'
+    design) the value projection has width ``d_out`` and the heads are concatenated as they are.
+    A sample whose mask is empty gets a zero output."""
 
-    def __init__(self, d_query: int, d_kv: int, d_model: int, heads: int, d_out: int):
+    def __init__(self, d_query: int, d_kv: int, d_model: int, heads: int, d_out: int, out_proj: bool = False):
         super().__init__()
-        if d_model % heads:
-            raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
+        d_value = d_model if out_proj else d_out
+        for name, width in (("d_model", d_model), ("value width", d_value)):
+            if width % heads:
+                raise ValueError(f"{name}={width} is not divisible by heads={heads}")
         self.heads = heads
         self.q = nn.Linear(d_query, d_model)
         self.k = nn.Linear(d_kv, d_model)
-        self.v = nn.Linear(d_kv, d_model)
-        self.out = nn.Linear(d_model, d_out)
+        self.v = nn.Linear(d_kv, d_value)
+        self.out = nn.Linear(d_model, d_out) if out_proj else nn.Identity()
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_model] -> [B, heads, T, d_head]
         B, T, _ = x.shape
@@ -58,16 +67,22 @@ class FeatureExtractor(nn.Module):
     """``Z = Attn(E1, LN1(H_p))``, ``phi = Attn(Z, LN1(H_v))``, ``psi = Attn(E2, LN2(H_p))``; with
     ``n_vision`` set, also a learned vision sentinel ``S [n_v, d]`` and ``phi_S = Attn(Z, LN1(S))``."""
 
-    def __init__(self, d: int, d_m: int, k: int, heads: int, n_vision: int | None = None):
+    def __init__(self, d: int, d_m: int, k: int, heads: int, n_vision: int | None = None,
+                 out_proj: bool = False, sentinel_init: str = "kaiming"):
         super().__init__()
         self.E1 = nn.Parameter(torch.randn(k, d_m) / math.sqrt(d_m))
         self.E2 = nn.Parameter(torch.randn(k, d_m) / math.sqrt(d_m))
         self.ln1 = nn.LayerNorm(d)
         self.ln2 = nn.LayerNorm(d)
-        self.attn_prompt = CrossAttention(d_m, d, d_m, heads, d_m)   # Z = Attn(E1, LN1(H_p))
-        self.attn_vision = CrossAttention(d_m, d, d_m, heads, d_m)   # phi = Attn(Z, LN1(H_v))
-        self.attn_text = CrossAttention(d_m, d, d_m, heads, d_m)     # psi = Attn(E2, LN2(H_p))
-        self.sentinel = nn.Parameter(torch.randn(n_vision, d)) if n_vision else None
+        self.attn_prompt = CrossAttention(d_m, d, d_m, heads, d_m, out_proj)   # Z = Attn(E1, LN1(H_p))
+        self.attn_vision = CrossAttention(d_m, d, d_m, heads, d_m, out_proj)   # phi = Attn(Z, LN1(H_v))
+        self.attn_text = CrossAttention(d_m, d, d_m, heads, d_m, out_proj)     # psi = Attn(E2, LN2(H_p))
+        self.sentinel = None
+        if n_vision:
+            # Kaiming-normal over the whole [n_v, d] matrix: small, so under Adam it moves fast in
+            # relative terms (the authors' init); "normal" is unit scale
+            std = math.sqrt(2.0 / (n_vision * d)) if sentinel_init == "kaiming" else 1.0
+            self.sentinel = nn.Parameter(torch.randn(n_vision, d) * std)
 
     def forward(self, hidden: torch.Tensor, vision_mask: torch.Tensor, prompt_mask: torch.Tensor) -> Features:
         """hidden [B, L, d] (float), masks [B, L] bool -> features of each sample."""
@@ -84,11 +99,11 @@ class FeatureExtractor(nn.Module):
 class LowRankGenerator(nn.Module):
     """``Attn(Q_r, LN(H_e)) / (scale * sqrt(r))`` with values projected to width ``d``: ``[B, r, d]``."""
 
-    def __init__(self, d: int, d_m: int, r: int, heads: int, scale: float):
+    def __init__(self, d: int, d_m: int, r: int, heads: int, scale: float, out_proj: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(r, d_m) / math.sqrt(d_m))
         self.ln = nn.LayerNorm(d)
-        self.attn = CrossAttention(d_m, d, d_m, heads, d)
+        self.attn = CrossAttention(d_m, d, d_m, heads, d, out_proj)
         self.factor = 1.0 / (scale * math.sqrt(r))
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

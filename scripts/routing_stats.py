@@ -1,0 +1,120 @@
+"""Where LiveEdit's routing goes as the repository grows: one stream of edits, and at each point, for
+the queries of every record edited so far,
+
+- how many experts pass hard filtering, for edit images (Rel), rephrased images (M-Gen) and unrelated
+  images (M-Loc);
+- how often the record's own expert passes, and the share of the soft-routing weight it gets;
+- for M-Loc images, how often any expert passes (a leak: the unedited model is changed).
+
+    python scripts/routing_stats.py -mn tiny-blip2 -dn SYNTH-EVQA --split val -ckpt records/liveedit/.../run \\
+        --points 10,100,1000
+
+Errors of a growing repository come either from experts leaking into unrelated images (M-Loc falls,
+"leak" rises) or from the own expert being drowned (own kept but its weight share falls).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from utils.errors import UserError, cli_main  # noqa: E402
+
+KINDS = (("Rel", "edit"), ("M-Gen", "image_rephrase"), ("M-Loc", "image_loc"))
+
+
+@torch.no_grad()
+def routing_of(editor, samples, batch_size=16):
+    """(kept [n, N] bool, weights [n, N]) of every sample against the current repository."""
+    bb, kept, weights = editor.backbone, [], []
+    for i in range(0, len(samples), batch_size):
+        batch = bb.encode(samples[i:i + batch_size], with_targets=False)
+        rows, w, k = editor.route(bb.hidden_at(batch, editor.layer), batch)
+        assert len(rows) == batch.has_image.sum()
+        kept.append(k.cpu())
+        weights.append(w.cpu())
+    return torch.cat(kept), torch.cat(weights)
+
+
+def point_stats(editor, records) -> dict:
+    n = len(records)
+    out = {"n_edits": n}
+    own = torch.arange(n)
+    for name, kind in KINDS:
+        kept, w = routing_of(editor, [getattr(r, kind) for r in records])
+        row = {"kept_mean": float(kept.float().sum(1).mean()), "any_kept": float(kept.any(1).float().mean())}
+        if name != "M-Loc":
+            own_kept = kept[own, own]
+            share = w[own, own] / w.sum(1).clamp(min=1e-12)
+            row.update(own_kept=float(own_kept.float().mean()),
+                       own_weight_share=float(share[own_kept].mean()) if own_kept.any() else 0.0,
+                       own_top=float((w.argmax(1) == own)[own_kept].float().mean()) if own_kept.any() else 0.0)
+        out[name] = row
+    return out
+
+
+def table(rows) -> str:
+    head = ("edits | Rel kept | Rel own kept | Rel own share | Rel own top | M-Gen kept | M-Gen own kept | "
+            "M-Gen own share | M-Loc kept | M-Loc leak")
+    lines = ["| " + head + " |", "|" + "---|" * (head.count("|") + 1)]
+    for r in rows:
+        rel, gen, loc = r["Rel"], r["M-Gen"], r["M-Loc"]
+        cells = [r["n_edits"], f"{rel['kept_mean']:.2f}", f"{100 * rel['own_kept']:.1f}",
+                 f"{100 * rel['own_weight_share']:.1f}", f"{100 * rel['own_top']:.1f}", f"{gen['kept_mean']:.2f}",
+                 f"{100 * gen['own_kept']:.1f}", f"{100 * gen['own_weight_share']:.1f}",
+                 f"{loc['kept_mean']:.2f}", f"{100 * loc['any_kept']:.1f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-mn", "--edit_model_name", default="tiny-blip2")
+    p.add_argument("-dn", "--data_name", default="SYNTH-EVQA")
+    p.add_argument("--split", default="val", choices=("val", "eval"))
+    p.add_argument("-ckpt", "--checkpoint", required=True)
+    p.add_argument("--points", default="10,100,1000")
+    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--data_dir")
+    p.add_argument("--model_path")
+    a = p.parse_args(argv)
+    from backbones import load_backbone, resolve_backbone_name
+    from editors.liveedit import LiveEdit
+    from evaluation.checkpoints import check_checkpoint, load_checkpoint, saved_editor_config
+    from utils.config import from_dict
+    from vl_datasets import load_dataset
+
+    try:
+        points = sorted({int(x) for x in a.points.split(",")})
+    except ValueError:
+        raise UserError(f"--points must be comma-separated integers, got {a.points!r}") from None
+    backbone = resolve_backbone_name(a.edit_model_name)
+    weights = check_checkpoint(a.checkpoint, "liveedit", backbone)
+    saved, source = saved_editor_config(weights)
+    if saved is None:
+        raise UserError(f"checkpoint {weights} has no saved editor config")
+    records = load_dataset(a.data_name, a.split, a.data_dir, limit=points[-1])
+    if len(records) < points[-1]:
+        raise UserError(f"--points {points[-1]} exceeds the {len(records)} records of {a.data_name} {a.split}")
+    editor = LiveEdit(load_backbone(backbone, "cpu", a.model_path),
+                      from_dict(LiveEdit.config_class, saved, f"{source}: editor_config"))
+    load_checkpoint(editor, weights)
+    editor.eval()
+    rows, done = [], 0
+    for n in points:
+        editor.edit_batch([r.edit for r in records[done:n]])
+        done = n
+        rows.append(point_stats(editor, records[:n]))
+        print(f"{n} edits: {json.dumps(rows[-1])}", file=sys.stderr)
+    print(table(rows))
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
