@@ -13,9 +13,9 @@ of each phase, training steps/s, seconds per edit and evaluation samples/s, then
 at the published depth: parameter bytes plus the measured activations, extrapolated per decoder
 layer with the bytes one layer saves for backward (measured with ``saved_tensors_hooks``).
 
-    python scripts/real_size.py --layers 2 --dtype bf16           # CPU: full width, 2 decoder layers
-    python scripts/real_size.py -dvc cuda:0 --dtype bf16          # a GPU: full depth
-    python scripts/real_size.py -dvc auto --max_memory 24GiB      # spread as over 24 GB cards (accelerate)
+    python -m scripts.real_size --layers 2 --dtype bf16           # CPU: full width, 2 decoder layers
+    python -m scripts.real_size -dvc cuda:0 --dtype bf16          # a GPU: full depth
+    python -m scripts.real_size -dvc auto --max_memory 24GiB      # spread as over 24 GB cards (accelerate)
 
 Flags: ``--backbones`` (blip2,llava,minigpt4), ``--editors`` (default: every registered editor),
 ``--layers N`` (cut the LLM depth; the editors' layers, e.g. LiveEdit's l_e = 21, are clamped to
@@ -48,14 +48,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import UserError, cli_main
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GiB = 2 ** 30

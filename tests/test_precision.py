@@ -11,7 +11,7 @@ import backbones.loading
 import train_vllm_editor
 from backbones import BACKBONES
 from conftest import FAMILY_NAMES
-from editors.ft_l import FTLConfig, FTLEditor, ffn_output_projection
+from editors.ft_l import FTLConfig, FTLEditor
 from editors.liveedit import LiveEdit, LiveEditConfig, LiveEditTrain
 from fixtures import write_evqa
 from training.checkpoint import load_training_state
@@ -58,7 +58,7 @@ def grads_of(bb, recs, factor=1.0, scaling=None):
 def test_liveedit_trains_through_a_bf16_backbone(family, tiny_dirs, images):
     recs = records(images)
     bb16 = load(tiny_dirs, family, torch.bfloat16)
-    assert bb16.dtype == torch.bfloat16 and ffn_output_projection(bb16.layer(3)).weight.dtype == torch.bfloat16
+    assert bb16.dtype == torch.bfloat16 and bb16.mlp_output_projection(3).weight.dtype == torch.bfloat16
     g16 = grads_of(bb16, recs)
     g32 = grads_of(load(tiny_dirs, family, torch.float32), recs)
     assert torch.isfinite(g16).all() and g16.abs().sum() > 0
