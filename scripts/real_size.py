@@ -407,17 +407,16 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     from backbones import resolve_backbone_name
     from backbones.devices import model_devices
-    from backbones.loading import default_dtype, resolve_device
+    from backbones.loading import default_dtype
     from backbones.real_configs import REAL_SPECS, build_real_backbone, padded_tokenizer
     from editors import EDITORS
+    from utils.devices import check_available, default_device, parse_device
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = a.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = check_available(parse_device(a.device, "-dvc", allow_auto=True)) if a.device else default_device()
     if device == "auto" and not torch.cuda.is_available():
         print("note: -dvc auto without a GPU: everything on the CPU", file=sys.stderr)
         device = "cpu"
-    if device != "auto":
-        resolve_device(device)       # a clear error for cuda:N without CUDA or a bad name
     cuda = device != "cpu"
     dtype = DTYPES[a.dtype] if a.dtype else default_dtype(device if device == "cpu" else "cuda")
     names = [resolve_backbone_name(b.strip()) for b in a.backbones.split(",") if b.strip()]
