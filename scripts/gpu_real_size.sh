@@ -13,9 +13,9 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-records/real_size}}
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT_DIR/gpu.txt"
-python scripts/real_size.py --backbones blip2,llava -dvc cuda:0 --dtype bf16 --fingerprint \
+python -m scripts.real_size --backbones blip2,llava -dvc cuda:0 --dtype bf16 --fingerprint \
     --json "$OUT_DIR/full_depth.json" 2>&1 | tee "$OUT_DIR/full_depth.log"
-python scripts/real_size.py --backbones llava --editors liveedit,ft-l -dvc auto --max_memory "${MAX_MEMORY:-8GiB}" \
+python -m scripts.real_size --backbones llava --editors liveedit,ft-l -dvc auto --max_memory "${MAX_MEMORY:-8GiB}" \
     --dtype bf16 --fingerprint --json "$OUT_DIR/split.json" 2>&1 | tee "$OUT_DIR/split.log"
 python - "$OUT_DIR" <<'PY'
 import json, sys

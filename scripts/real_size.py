@@ -13,9 +13,9 @@ of each phase, training steps/s, seconds per edit and evaluation samples/s, then
 at the published depth: parameter bytes plus the measured activations, extrapolated per decoder
 layer with the bytes one layer saves for backward (measured with ``saved_tensors_hooks``).
 
-    python scripts/real_size.py --layers 2 --dtype bf16           # CPU: full width, 2 decoder layers
-    python scripts/real_size.py -dvc cuda:0 --dtype bf16          # a GPU: full depth
-    python scripts/real_size.py -dvc auto --max_memory 24GiB      # spread as over 24 GB cards (accelerate)
+    python -m scripts.real_size --layers 2 --dtype bf16           # CPU: full width, 2 decoder layers
+    python -m scripts.real_size -dvc cuda:0 --dtype bf16          # a GPU: full depth
+    python -m scripts.real_size -dvc auto --max_memory 24GiB      # spread as over 24 GB cards (accelerate)
 
 Flags: ``--backbones`` (blip2,llava,minigpt4), ``--editors`` (default: every registered editor),
 ``--layers N`` (cut the LLM depth; the editors' layers, e.g. LiveEdit's l_e = 21, are clamped to
@@ -26,16 +26,18 @@ N - 1 with a note), ``--edit_layer K`` (put every editor's layer at K), ``-dvc c
 (records per training step: 4 samples each), ``--edits``, ``--eval_records`` (edited records whose
 five samples are evaluated; 0: none), ``--eval_batch_size``, ``--json PATH``
 (all figures), ``--save_model DIR`` (write each built model and processor, loadable with
-``--model_path``), ``--fingerprint`` (sums of the logits of two samples: the weights depend only on
+``--model_path``), ``--set EDITOR.FIELD=VALUE`` (override a field of an editor's config, e.g.
+``ft-l.steps=5``), ``--fingerprint`` (sums of the logits of two samples: the weights depend only on
 ``--seed``, so a ``-dvc auto`` run must match a single-device one), ``--threads``. Test shortcut: ``--vision_layers N`` cuts the vision encoder (the
 default keeps it real).
 
 Memory: on CUDA, torch's allocator peak (summed over devices) per phase; on the CPU, the process's
 peak resident set (VmHWM, reset at each phase start through /proc/self/clear_refs, else getrusage's
-maximum RSS), minus the resident set at the phase start.
+maximum RSS), minus the resident set at the phase start (glibc set to return freed blocks to the OS).
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -46,13 +48,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+import yaml
 
-import torch  # noqa: E402
-
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import UserError, cli_main
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GiB = 2 ** 30
@@ -108,6 +107,18 @@ class Memory:
             return {"peak": sum(per), "above_start": sum(per) - self.base, "per_device": per}
         peak = self._hwm()
         return {"peak": peak, "above_start": max(0, peak - self.base)}
+
+
+def return_freed_memory() -> None:
+    """glibc's dynamic mmap threshold keeps freed tensors of earlier phases resident, and later phases
+    reuse them unseen by the resident set; a fixed threshold returns every large block to the OS when
+    freed. Called when run as a script (not in tests: it slows small allocations down)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)     # M_MMAP_THRESHOLD: 64 KiB, fixed
+        libc.mallopt(-1, 1 << 20)     # M_TRIM_THRESHOLD: 1 MiB
+    except (OSError, AttributeError):
+        pass
 
 
 def gib(n) -> str:
@@ -213,6 +224,9 @@ def run_editor(name, backbone, records, args, mem, cuda):
     try:
         config = load_config(cls.config_class, name, backbone.name)
         config = clamp_layers(config, backbone.num_layers, args.edit_layer, out["notes"])
+        if args.overrides.get(name):
+            config = dataclasses.replace(config, **args.overrides[name])
+            out["notes"].append(f"config overrides {args.overrides[name]}")
         editor = cls(backbone, config)
     except Exception as e:  # noqa: BLE001 - any editor that cannot run here is reported, not fatal
         out["skipped"] = f"{type(e).__name__}: {e}"
@@ -362,6 +376,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     p.add_argument("--save_model", default=None, metavar="DIR", help="save each built model under DIR/<name>")
+    p.add_argument("--set", action="append", default=[], metavar="EDITOR.FIELD=VALUE",
+                   help="override a top-level field of an editor's config, e.g. ft-l.steps=5 (repeatable)")
     p.add_argument("--fingerprint", action="store_true",
                    help="record a fingerprint of the logits of two samples (compare a split run with a single-device one)")
     p.add_argument("--raise_errors", action="store_true", help="an editor's failure raises (tests)")
@@ -369,6 +385,13 @@ def parse_args(argv):
     for flag in ("train_steps", "batch_size", "edits", "eval_batch_size"):
         if getattr(a, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    a.overrides = {}
+    for item in a.set:
+        key, eq, value = item.partition("=")
+        editor, dot, field = key.partition(".")
+        if not (eq and dot and editor and field):
+            raise UserError(f"--set {item!r}: expected EDITOR.FIELD=VALUE, e.g. ft-l.steps=5")
+        a.overrides.setdefault(editor, {})[field] = yaml.safe_load(value)
     if a.eval_records is None:
         a.eval_records = a.edits
     if a.eval_records < 0:
@@ -384,17 +407,16 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     from backbones import resolve_backbone_name
     from backbones.devices import model_devices
-    from backbones.loading import default_dtype, resolve_device
+    from backbones.loading import default_dtype
     from backbones.real_configs import REAL_SPECS, build_real_backbone, padded_tokenizer
     from editors import EDITORS
+    from utils.devices import check_available, default_device, parse_device
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = a.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = check_available(parse_device(a.device, "-dvc", allow_auto=True)) if a.device else default_device()
     if device == "auto" and not torch.cuda.is_available():
         print("note: -dvc auto without a GPU: everything on the CPU", file=sys.stderr)
         device = "cpu"
-    if device != "auto":
-        resolve_device(device)       # a clear error for cuda:N without CUDA or a bad name
     cuda = device != "cpu"
     dtype = DTYPES[a.dtype] if a.dtype else default_dtype(device if device == "cpu" else "cuda")
     names = [resolve_backbone_name(b.strip()) for b in a.backbones.split(",") if b.strip()]
@@ -514,4 +536,5 @@ def print_table(entry):
 
 
 if __name__ == "__main__":
+    return_freed_memory()
     main()

@@ -4,15 +4,12 @@ tests cut the vision encoder to 1 layer (``--vision_layers``, a test shortcut: i
 token count stay real) and run in bfloat16 to keep to seconds on a 2-core CPU; the batched evaluation
 runs on BLIP-2 (its sequences are the shortest). One real-size model is alive at a time (peak RSS up
 to about 4.5 GB, LLaVA)."""
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import real_size  # noqa: E402
-from backbones.real_configs import REAL_SPECS, padded_tokenizer  # noqa: E402
+from backbones.real_configs import REAL_SPECS, padded_tokenizer
+from scripts import real_size
 
 # name -> (hidden size, vision tokens, vocabulary, parameters at the published depth, in billions)
 EXPECTED = {"blip2-opt-2.7b": (2560, 32, 50304, 3.74),             # 3.74B, as published (LM head tied)
