@@ -125,7 +125,8 @@ def distinct_records(tmp_path_factory):
         out.append(EditRecord(i, edit=Sample(p, a, img), text_rephrase=Sample(rp, a, img),
                               image_rephrase=Sample(p, a, rimg),
                               text_loc=Sample("nq question: who rules zorbia?", "Queen Quell"),
-                              image_loc=Sample("a photo of a", "shape", picture(root / f"l{i}.png", colours[3 - i], 8))))
+                              image_loc=Sample("a photo of a", "shape",
+                                               picture(root / f"l{i}.png", colours[3 - i], 8))))
     return out
 
 
@@ -203,8 +204,8 @@ def check_checkpointed_rows_give_the_same_step(make_editor, records):
         ed.train()
         losses = ed.training_losses(records)
         sum(losses.values()).backward()
-        out.append(({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in ed.trainable_parameters()
-                                                                 if p.grad is not None]))
+        grads = [p.grad.clone() for p in ed.trainable_parameters() if p.grad is not None]
+        out.append(({k: float(v.detach()) for k, v in losses.items()}, grads))
     (l0, g0), (l1, g1) = out
     assert l0.keys() == l1.keys() and all(abs(l0[k] - l1[k]) < 1e-5 * (1 + abs(l0[k])) for k in l0)
     assert len(g0) == len(g1) > 0
@@ -277,7 +278,8 @@ def check_state_reloads_in_new_process(editor, tiny_dirs, samples, tmp_path):
 
 # ---- RECIPE ------------------------------------------------------------------------------------
 def make_config(encoder_dir, **over) -> RecipeConfig:
-    kw = dict(encoder=str(encoder_dir), rep_dim=32, n_prompt_tokens=3, n_sentinel_tokens=4, max_text_tokens=32,
+    kw = dict(encoder=str(encoder_dir), rep_dim=32, n_prompt_tokens=3, n_sentinel_tokens=4, prompt_scale=1.0,
+              max_text_tokens=32,
               temperature=1.0, hinge=1.2, retrieve_on_target=False, drop_image=False, checkpoint_rows=False,
               train=RecipeTrain(lr=3e-3, lr_cut_step=None))
     kw.update(over)

@@ -280,7 +280,8 @@ class LTE(BaseEditor):
         for k, v in state.items():
             if v.shape != own[k].shape:
                 raise UserError(f"LTE checkpoint tensor {k!r} has shape {tuple(v.shape)}; this editor (backbone "
-                                f"{self.backbone.name!r}, lora_rank={self.config.lora_rank}) expects {tuple(own[k].shape)}")
+                                f"{self.backbone.name!r}, lora_rank={self.config.lora_rank}) "
+                                f"expects {tuple(own[k].shape)}")
         split = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         self.adapter.load_state_dict(split("adapter."))
         if self.config.train_retriever:
@@ -348,8 +349,9 @@ class LTE(BaseEditor):
         loc = select_rows(Q, loc_rows.to(dev))
         with torch.no_grad():
             pre = bb.logits(loc)                                             # the frozen original
-        kl_with = masked_kl(logits[(1 + n_gen) * R:n_prefixed], pre, loc.labels, per_sample=True)  # KL(p_pre || p(l | P))
-        kl_without = masked_kl(logits[n_prefixed:], pre, loc.labels, per_sample=True)              # KL(p_pre || p(l))
+        # KL(p_pre || p(l | P)) and KL(p_pre || p(l))
+        kl_with = masked_kl(logits[(1 + n_gen) * R:n_prefixed], pre, loc.labels, per_sample=True)
+        kl_without = masked_kl(logits[n_prefixed:], pre, loc.labels, per_sample=True)
         losses = {"rel": nll[:R].mean(), "gen": nll[R:].view(n_gen, R).sum(0).mean() * (2 / n_gen),
                   "loc": (0.5 * (kl_with + kl_without)).view(n_loc, R).sum(0).mean() * (2 / n_loc)}
         losses["retriever"] = (self._retriever_loss(prep.tokens, R) if prep.tokens is not None

@@ -96,6 +96,8 @@ class RecipeConfig:
     rep_dim: int                 # width of knowledge / query representations (RECIPE: 4096)
     n_prompt_tokens: int         # continuous prompt tokens generated per edit (RECIPE: 3)
     n_sentinel_tokens: int       # learned token embeddings the sentinel is encoded from (RECIPE: 10)
+    prompt_scale: float          # the prompt generator's output is multiplied by this x the std of the LLM's
+                                 # input embeddings (a fixed factor; the generator learns the rest)
     max_text_tokens: int         # the encoder reads at most this many tokens of a text
     temperature: float           # tau: sim = <q, k> / sqrt(rep_dim) / tau
     hinge: float                 # sentinel losses count a sample only while p_target < hinge * p_second
@@ -109,9 +111,9 @@ class RecipeConfig:
     def __post_init__(self):
         check_types(self, "recipe")
         positive(self, "recipe", ("rep_dim", "n_prompt_tokens", "n_sentinel_tokens", "max_text_tokens",
-                                  "temperature", "hinge"))
+                                  "temperature", "hinge", "prompt_scale"))
 
     def architecture(self) -> dict:
         """What a saved memory depends on besides the weights."""
         return {k: getattr(self, k) for k in ("encoder", "rep_dim", "n_prompt_tokens", "n_sentinel_tokens",
-                                              "max_text_tokens")}
+                                              "prompt_scale", "max_text_tokens")}

@@ -77,7 +77,7 @@ class RecipeNet(nn.Module):
         self.prompt_hidden = nn.Linear(rep, rep)
         self.prompt_out = nn.Linear(rep, cfg.n_prompt_tokens * d)
         self.k, self.d, self.rep = cfg.n_prompt_tokens, d, rep
-        self.emb_scale = emb_scale     # prompt tokens come out at the scale of the LLM's input embeddings
+        self.emb_scale = emb_scale     # prompt_scale x the std of the LLM's input embeddings
 
     def prompts(self, keys: torch.Tensor) -> torch.Tensor:
         """[n, rep] knowledge keys -> [n, k, d] continuous prompt tokens."""
@@ -112,7 +112,7 @@ class Recipe(BaseEditor):
         super().__init__(backbone, config)
         path = resolve_text_encoder(config.encoder)
         d = backbone.hidden_size
-        emb_scale = float(backbone.model.get_input_embeddings().weight.float().std())
+        emb_scale = config.prompt_scale * float(backbone.model.get_input_embeddings().weight.float().std())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = RecipeNet(path, d, emb_scale, config)

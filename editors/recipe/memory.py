@@ -58,7 +58,8 @@ class GrowingMemory:
         n = len(requests)
         for name, t in tensors.items():
             if tuple(t.shape) != (n,) + self.shapes[name]:
-                raise ValueError(f"memory tensor {name} has shape {tuple(t.shape)}, expected {(n,) + self.shapes[name]}")
+                raise ValueError(f"memory tensor {name} has shape {tuple(t.shape)}, "
+                                 f"expected {(n,) + self.shapes[name]}")
         self._reserve(self.size + n)
         for name, t in tensors.items():
             self._store[name][self.size:self.size + n] = t.detach().to(self.device, self.dtype)
