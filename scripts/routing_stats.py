@@ -90,7 +90,10 @@ def main(argv=None):
         points = sorted({int(x) for x in a.points.split(",")})
     except ValueError:
         raise UserError(f"--points must be comma-separated integers, got {a.points!r}") from None
+    from synthetic.embedded import prepare_backbone, prepare_dataset
     backbone = resolve_backbone_name(a.edit_model_name)
+    prepare_dataset(a.data_name, a.data_dir)             # the embedded default is built on first use
+    model_path = prepare_backbone(backbone, a.model_path)
     weights = check_checkpoint(a.checkpoint, "liveedit", backbone)
     saved, source = saved_editor_config(weights)
     if saved is None:
@@ -98,7 +101,7 @@ def main(argv=None):
     records = load_dataset(a.data_name, a.split, a.data_dir, limit=points[-1])
     if len(records) < points[-1]:
         raise UserError(f"--points {points[-1]} exceeds the {len(records)} records of {a.data_name} {a.split}")
-    editor = LiveEdit(load_backbone(backbone, "cpu", a.model_path),
+    editor = LiveEdit(load_backbone(backbone, "cpu", model_path if a.model_path else None),
                       from_dict(LiveEdit.config_class, saved, f"{source}: editor_config"))
     load_checkpoint(editor, weights)
     editor.eval()
