@@ -27,7 +27,7 @@ BACKBONE_NAMES = ["blip2-opt-2.7b", "llava-v1.5-7b", "minigpt-4-vicuna-7b", "tin
 
 def cfg(**over) -> LEMoEConfig:
     kw = dict(layer=2, rank=4, router_hidden=16, edits_per_expert=2, max_steps=25, lr=5e-2, min_loss=0.03,
-              init_std=0.01, train_router_keys=True, flush_before_query=True, locality_weight=0.0,
+              init_std=0.01, train_router_keys=True, flush_before_query=True, null_expert=False, locality_weight=0.0,
               locality_samples=2, irrelevant_dataset="EVQA", irrelevant_data_dir=None, irrelevant_pool_size=10, seed=0)
     kw.update(over)
     return LEMoEConfig(**kw)

@@ -61,6 +61,7 @@ class LEMoEConfig:
     init_std: float             # every new parameter starts at randn * init_std (authors: 0.01)
     train_router_keys: bool     # true: anchors k_n are trained; false: authors' untrained random anchors
     flush_before_query: bool    # true: buffered edits answer queries; false: they do not (authors)
+    null_expert: bool           # true: the softmax also holds an expert with score 0 and output 0 (not in the authors')
     locality_weight: float      # weight of the KL locality term (0: off, as the authors)
     locality_samples: int       # unrelated samples per expert for that term
     irrelevant_dataset: str     # dataset whose train-split locality samples form the unrelated pool
@@ -153,7 +154,16 @@ class LEMoEEditor(BaseEditor):
         """Router weights [B, n] of every sample (committed experts, then the provisional one), from
         the FFN input ``x`` at the sample's image + prompt positions."""
         q = query_mean(x.float(), batch)
-        return torch.softmax(torch.cat([route_scores(q, g) for g in self._groups()], 1), 1)
+        w = torch.softmax(self._scores(q, self._groups()), 1)
+        return w[:, :-1] if self.config.null_expert else w
+
+    def _scores(self, q: torch.Tensor, groups: list[dict]) -> torch.Tensor:
+        """Router scores [B, n] of the experts in ``groups``, plus a last column of zeros for the null
+        expert (an expert whose output is 0) when the config has one."""
+        scores = [route_scores(q, g) for g in groups]
+        if self.config.null_expert:
+            scores.append(q.new_zeros(q.shape[0], 1))
+        return torch.cat(scores, 1) if scores else q.new_zeros(q.shape[0], 0)
 
     def _mixture(self, x: torch.Tensor, batch: VLBatch) -> torch.Tensor:
         w = self.routing(x, batch)
@@ -209,18 +219,19 @@ class LEMoEEditor(BaseEditor):
                 with torch.no_grad():
                     x32 = x.float()
                     cache["x"], cache["q"] = x32, query_mean(x32, b)
-                    if old:
-                        s_old = route_scores(cache["q"], old[0])
-                        w_old = torch.softmax(s_old, 1)
-                        cache["lse"] = torch.logsumexp(s_old, 1)
-                        cache["mix"] = sum(torch.einsum("blnd,bn->bld", expert_outputs(x32, slice_experts(old[0], s, s + EXPERT_CHUNK)),
-                                                        w_old[:, s:s + EXPERT_CHUNK])
-                                           for s in range(0, s_old.shape[1], EXPERT_CHUNK))
+                    scores = self._scores(cache["q"], old)
+                    if scores.shape[1]:
+                        w_old = torch.softmax(scores, 1)
+                        cache["lse"] = torch.logsumexp(scores, 1)
+                        n_old = old[0]["key"].shape[0] if old else 0
+                        cache["mix"] = sum((torch.einsum("blnd,bn->bld", expert_outputs(x32, slice_experts(old[0], s, s + EXPERT_CHUNK)),
+                                                         w_old[:, s:min(s + EXPERT_CHUNK, n_old)])
+                                            for s in range(0, n_old, EXPERT_CHUNK)), torch.zeros_like(x32))
             new = {k: v[None] for k, v in params.items()}
             e_new = expert_outputs(cache["x"], new)[:, :, 0]
-            if not old:  # a single expert takes the whole softmax
+            if "lse" not in cache:  # a single expert takes the whole softmax
                 return e_new
-            # softmax over [old experts, new]: the old ones keep their relative weights
+            # softmax over [old experts (and the null expert), new]: the old ones keep their relative weights
             w_new = torch.sigmoid(route_scores(cache["q"], new)[:, 0] - cache["lse"])[:, None, None]
             return (1 - w_new) * cache["mix"] + w_new * e_new
 

@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from backbones.base import VLBatch
-from backbones.sites import MLP_ACTIVATION, MLP_OUTPUT, Site
+from backbones.sites import BLOCK_OUTPUT, MLP_ACTIVATION, MLP_OUTPUT, Site
 from editors import EDITORS
 from editors.base import BaseEditor
 from editors.lemoe.common import (GrowingStack, IrrelevantPool, check_fields, item_seed, load_edited_state,
-                                  query_mean, save_edited_state)
+                                  query_mask, save_edited_state)
 from utils.errors import UserError
 from utils.losses import masked_nll
 from vl_datasets.records import Sample
@@ -115,6 +115,17 @@ def ties_merge(deltas: torch.Tensor, weights: torch.Tensor, density: float) -> t
     return ((weighted * agree).sum(0) / divisor).reshape(deltas.shape[1:])
 
 
+def query_weights(batch: VLBatch) -> torch.Tensor:
+    """[B, L] weights of a mean over each sample's image + prompt positions (0 on target and padding)."""
+    m = query_mask(batch).float()
+    return m / m.sum(1, keepdim=True).clamp(min=1)
+
+
+def change_norm(a: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """D per sample [B]: the weighted mean over positions of ||a delta^T|| (a [B, L, D], delta [d, D])."""
+    return (F.linear(a.float(), delta).norm(dim=-1) * weights[:, :a.shape[1]]).sum(1)
+
+
 @EDITORS.register("wise")
 class WISEEditor(BaseEditor):
     name = "wise"
@@ -132,6 +143,7 @@ class WISEEditor(BaseEditor):
         self.shards = GrowingStack({"W": tuple(self.W0.shape)}, self.W0.device, torch.float32)
         self.pool = IrrelevantPool(config.irrelevant_dataset, config.irrelevant_data_dir,
                                    config.irrelevant_pool_size)
+        self._additive = None  # whether the FFN output enters the layer output additively (checked once)
         self.restore()
 
     # ---- lifelong editing -------------------------------------------------------------------
@@ -151,18 +163,54 @@ class WISEEditor(BaseEditor):
 
     def distance(self, a: torch.Tensor, W: torch.Tensor, batch: VLBatch) -> torch.Tensor:
         """D per sample [B]: mean over image + prompt positions of ||a (W - W0)^T||."""
-        change = F.linear(a.float(), W - self.W0)
-        return query_mean(change.norm(dim=-1), batch)
+        return change_norm(a, W - self.W0, query_weights(batch))
 
-    def _capture_activation(self, batch: VLBatch, hidden: torch.Tensor) -> torch.Tensor:
-        """The FFN activation of the edited layer for ``batch`` (unaffected by any memory of this layer)."""
+    def _run_edited_layer(self, batch: VLBatch, hidden: torch.Tensor):
+        """-> (FFN activation, block output) of the edited layer, unedited, for ``batch`` given the
+        output of the layer below. The activation does not depend on any memory of this layer."""
         out = {}
 
         def read(a, b):
             out["a"] = a.detach()
             return a
-        self.backbone.logits_from(hidden, batch, self.layer_index - 1, {Site(MLP_ACTIVATION, self.layer_index): read})
-        return out["a"]
+
+        def read_output(h, b):
+            out["h"] = h.detach()
+            return h
+        l = self.layer_index
+        self.backbone.logits_from(hidden, batch, l - 1, {Site(MLP_ACTIVATION, l): read, Site(BLOCK_OUTPUT, l): read_output})
+        return out["a"], out["h"]
+
+    def _side_logits(self, W, batch, hidden, a, h):
+        """Logits of ``batch`` with ``W`` in place of ``W0``. When the FFN output enters the layer's
+        output additively (pre-norm decoders: OPT-2.7B, Llama), from the cached block output ``h`` plus
+        ``a (W - W0)^T`` (the layer is not run again); otherwise through the layer's named sites."""
+        l = self.layer_index
+        if self._additive:
+            return self.backbone.logits_from(h + F.linear(a.float(), W - self.W0).to(h.dtype), batch, l)
+        ctx = {}
+
+        def read(x, b):
+            ctx["a"] = x
+            return x
+
+        def side_output(y, b):
+            return F.linear(ctx.pop("a").float(), W, self.bias).to(y.dtype)
+        return self.backbone.logits_from(hidden, batch, l - 1, {Site(MLP_ACTIVATION, l): read,
+                                                                 Site(MLP_OUTPUT, l): side_output})
+
+    def _check_additive(self, batch, hidden, a, h) -> None:
+        """Decide once whether the cached-block-output path equals running the layer (it does for
+        pre-norm decoders); either way the result is the same, only the speed differs."""
+        if self._additive is not None:
+            return
+        g = torch.Generator().manual_seed(0)
+        W = self.W0 + 0.05 * torch.randn(self.W0.shape, generator=g).to(self.W0)
+        self._additive = False
+        slow = self._side_logits(W, batch, hidden, a, h)
+        self._additive = True
+        fast = self._side_logits(W, batch, hidden, a, h)
+        self._additive = bool(torch.allclose(slow.float(), fast.float(), atol=1e-4, rtol=1e-3))
 
     def edit(self, request: Sample) -> None:
         cfg, bb, below = self.config, self.backbone, self.layer_index - 1
@@ -173,27 +221,21 @@ class WISEEditor(BaseEditor):
                                with_targets=False)
         with torch.no_grad():
             hidden = bb.hidden_at(batch, below)
-            a_edit = self._capture_activation(batch, hidden)
-            a_out = self._capture_activation(irrelevant, bb.hidden_at(irrelevant, below))
+            a_edit, h_edit = self._run_edited_layer(batch, hidden)
+            a_out, _ = self._run_edited_layer(irrelevant, bb.hidden_at(irrelevant, below))
+            self._check_additive(batch, hidden, a_edit, h_edit)
+        w_in, w_out = query_weights(batch), query_weights(irrelevant)
         lo = hi = None
         if cfg.norm_constraint is not None:
             lo, hi = self.W0 - cfg.norm_constraint, self.W0 + cfg.norm_constraint
         W = self.side.clone().requires_grad_(True)
-        ctx = {}
-
-        def read(a, b):
-            ctx["a"] = a
-            return a
-
-        def side_output(y, b):  # while editing, the edit sample runs through the side memory
-            return F.linear(ctx.pop("a").float(), W, self.bias).to(y.dtype)
-        edits = {Site(MLP_ACTIVATION, self.layer_index): read, Site(MLP_OUTPUT, self.layer_index): side_output}
         previous = None
         with torch.enable_grad():
             for _ in range(cfg.steps):
-                nll = masked_nll(bb.logits_from(hidden, batch, below, edits), batch.labels)
-                d_in = self.distance(a_edit, W, batch)[0]
-                d_out = self.distance(a_out, W, irrelevant)
+                nll = masked_nll(self._side_logits(W, batch, hidden, a_edit, h_edit), batch.labels)
+                delta = W - self.W0
+                d_in = change_norm(a_edit, delta, w_in)[0]
+                d_out = change_norm(a_out, delta, w_out)
                 loss = (nll + F.relu(d_out - d_in + cfg.gamma).mean() + F.relu(d_out - cfg.alpha).mean()
                         + F.relu(cfg.beta - d_in))
                 value = loss.item()
