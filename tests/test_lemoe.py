@@ -1,7 +1,7 @@
 """LEMoE: configs, exact restore, per-sample routing that ignores the target, buffered edits answering
 queries, batch-size independence, and the edited state reloaded in a new process."""
-import re
 import os
+import re
 import subprocess
 import sys
 import textwrap
