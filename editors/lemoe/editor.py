@@ -235,7 +235,7 @@ class LEMoEEditor(BaseEditor):
             w_new = torch.sigmoid(route_scores(cache["q"], new)[:, 0] - cache["lse"])[:, None, None]
             return (1 - w_new) * cache["mix"] + w_new * e_new
 
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():   # a flush may come from a scoring pass
             with torch.no_grad():
                 hidden = bb.hidden_at(batch, below)
                 rows = torch.arange(n_edit, len(batch.input_ids), device=hidden.device)
