@@ -9,6 +9,8 @@ Family wrappers (``blip2.py``, ``llava.py``, ``minigpt4.py``) only say how a pro
 how images become embeddings, and which decoder stack (``stacks.py``) the LLM is.
 """
 import functools
+import os
+from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
 
@@ -51,6 +53,61 @@ class VLBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+class ImageFeatureCache:
+    """Image features (what ``image_features`` gives, in the LLM's input space) by image file (path,
+    modification time and size), for passes that need no gradient: an evaluation encodes each image
+    many times (before the edits, at every point of a stream, and for each edit), and on a tiny
+    backbone opening, preprocessing and encoding an image costs about three times the language
+    model's forward on its sample.
+
+    Entries are valid for one state of the vision-side weights (vision encoder + connector): that
+    state is keyed by each parameter's storage and in-place version counter, so an editor that
+    changes them in place (FT-M writes its connector with ``copy_``) empties the cache on the next
+    lookup. (Assigning ``param.data`` is not seen: editors must not.) Least recently used entries
+    leave first, beyond ``max_bytes`` (0: no caching)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.weights_key = None
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def check(self, weights_key) -> None:
+        if weights_key != self.weights_key:
+            self.clear()
+            self.weights_key = weights_key
+
+    def get(self, key: tuple):
+        t = self.entries.get(key)
+        if t is not None:
+            self.entries.move_to_end(key)
+        return t
+
+    def put(self, key: tuple, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes:
+            return
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.numel() * old.element_size()
+        self.entries[key] = features
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, t = self.entries.popitem(last=False)
+            self.bytes -= t.numel() * t.element_size()
+
+
+def image_file_key(path: str) -> tuple:
+    """What identifies an image file's content cheaply: its path, modification time and size."""
+    st = os.stat(path)
+    return (path, st.st_mtime_ns, st.st_size)
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -66,6 +123,7 @@ class VLBackbone:
     family = "base"
     image_token = "<image>"
     fingerprint = None   # digest of the weights (backbones/fingerprint.py), set by load_backbone
+    image_cache_bytes = 512 * 2 ** 20   # ImageFeatureCache budget (test_vllm_edit.py --image_cache_mb)
 
     def __init__(self, name: str, model, processor, stack: DecoderStack, n_vision_tokens: int):
         self.name = name
@@ -81,6 +139,7 @@ class VLBackbone:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.image_cache = ImageFeatureCache(self.image_cache_bytes)
 
     # ---- family hooks -------------------------------------------------------------------------
     def prompt_text(self, prompt: str, has_image: bool) -> str:
@@ -126,6 +185,10 @@ class VLBackbone:
         input space (BLIP-2 / MiniGPT-4: Q-Former, query tokens, projection; LLaVA: the projector)."""
         raise NotImplementedError
 
+    def vision_side_parameters(self) -> list[torch.nn.Parameter]:
+        """Every weight ``image_features`` reads: the vision encoder's and the connector's."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         """Where batches are built: the input embeddings' device (of a split model: its first one)."""
@@ -163,13 +226,36 @@ class VLBackbone:
             raise ValueError(f"target {target!r} adds no token after prompt {prompt!r}")
         return tuple(prefix + full), len(prefix) + n
 
+    def images_features(self, paths: Sequence[str]) -> torch.Tensor | None:
+        """[N, n_vision_tokens, D] features of the images at ``paths`` (opened here). Without autograd
+        they come from ``image_cache`` (each missing image encoded once); with autograd on (an editor
+        training through the connector), they are computed, in one batch."""
+        if not paths:
+            return None
+        cache = self.image_cache
+        if torch.is_grad_enabled() or cache.max_bytes <= 0:
+            return self.image_features(self.pixel_values([open_image(p) for p in paths]))
+        cache.check(tuple((p.data_ptr(), p._version) for p in self.vision_side_parameters()))
+        keys = {p: image_file_key(p) for p in paths}       # a file rewritten in place is a new image
+        missing = [p for p in keys if cache.get(keys[p]) is None]
+        fresh = {}
+        # One image at a time: a cached image's features are then a function of the image and the
+        # weights alone, not of which images shared its batch (they differ by ~1e-6 otherwise), so
+        # any batch size and any process give the same features. Made outside inference mode, so
+        # that edits, which run outside it, can use them too.
+        with torch.inference_mode(False), torch.no_grad():
+            for p in missing:
+                fresh[p] = self.image_features(self.pixel_values([open_image(p)]))[0]
+                cache.put(keys[p], fresh[p])
+        cache.hits += len(paths) - len(missing)
+        cache.misses += len(missing)
+        return torch.stack([fresh[p] if p in fresh else cache.get(keys[p]) for p in paths])
+
     def encode(self, samples: Sequence[Sample], with_targets: bool = True) -> VLBatch:
         """Encode samples into one right-padded batch (images opened here, lazily)."""
         rows = [self.tokenize(s.prompt, s.image is not None, s.target if with_targets else None)
                 for s in samples]
-        paths = [s.image for s in samples if s.image is not None]
-        pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
-        return self.collate(samples, rows, pixels)
+        return self.collate(samples, rows, image_features=self.images_features([s.image for s in samples if s.image is not None]))
 
     def encode_continuations(self, samples: Sequence[Sample], continuations: Sequence[Sequence[int]]) -> VLBatch:
         """Each sample's generation context (what ``generate`` starts from) followed by the given
@@ -179,9 +265,7 @@ class VLBackbone:
         for s, cont in zip(samples, continuations):
             ctx, n = self.tokenize(s.prompt, s.image is not None, None)
             rows.append((tuple(ctx) + tuple(cont), n))
-        paths = [s.image for s in samples if s.image is not None]
-        pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
-        return self.collate(samples, rows, pixels)
+        return self.collate(samples, rows, image_features=self.images_features([s.image for s in samples if s.image is not None]))
 
     def collate(self, samples: Sequence[Sample], rows, pixel_values=None, image_features=None) -> VLBatch:
         """Pad tokenized ``rows`` (from ``tokenize``) into a batch and insert the image features of

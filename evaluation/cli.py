@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="general-capability VQA set measured before editing and after each chunk / point: "
                         "synth, vqav2, mme, a VQAv2-style JSON or an MME folder (evaluation/general.py)")
     p.add_argument("--general_n", type=int, default=None, help="use the first N questions of --general")
+    p.add_argument("--edit_batch", type=int, default=1,
+                   help="edits applied per call for editors with edit_batch (LiveEdit, RECIPE, LTE): the same "
+                        "state as one at a time; s/edit is then each group's time / its size (default 1)")
+    p.add_argument("--decode_all", action="store_true",
+                   help="decode every sample step by step instead of verifying candidate generations by teacher "
+                        "forcing: the same generations, slower (scripts/bench_eval.py)")
+    p.add_argument("--image_cache_mb", type=int, default=512,
+                   help="image features kept between scoring passes, in MiB (0: off; backbones/base.py)")
     return p
 
 
@@ -104,6 +112,9 @@ def main(argv=None) -> dict:
     _positive(args.data_sample_n, "-dsn/--data_sample_n")
     _positive(args.eval_batch_size, "--eval_batch_size")
     _positive(args.general_n, "--general_n")
+    _positive(args.edit_batch, "--edit_batch")
+    if args.image_cache_mb < 0:
+        raise UserError(f"--image_cache_mb must be 0 or more, got {args.image_cache_mb}")
     if args.general_n is not None and not args.general:
         raise UserError("--general_n needs --general")
     points = parse_points(args.eval_at) if args.eval_at is not None else None
@@ -224,6 +235,7 @@ def main(argv=None) -> dict:
         resumed = store.has_run()
         torch.manual_seed(args.seed)
         backbone = load_backbone(backbone_name, device, model_path)
+        backbone.image_cache.max_bytes = args.image_cache_mb * 2 ** 20
         editor = editor_cls(backbone, config)
         if weights is not None:
             load_checkpoint(editor, weights)
@@ -252,8 +264,9 @@ def main(argv=None) -> dict:
                   file=sys.stderr, mininterval=1.0) as progress:
             results = run_protocol(editor, records, stages, store, batch_size=args.eval_batch_size,
                                    load_dir=args.load_edited_state, save_dir=args.save_edited_state,
-                                   progress=progress, after_stage=probe)
-        header = {"run": identity, "mode": mode,
+                                   progress=progress, after_stage=probe, edit_batch=args.edit_batch,
+                                   verify_generations=not args.decode_all)
+        header = {"run": identity, "mode": mode, "edit_batch": args.edit_batch,
                   "scoring": {"default": "teacher-forced token accuracy (percent)",
                               "exact_match": "greedy generation of len(target) tokens equals the target "
                                              "(locality: equals the pre-edit generation), from real generations"}}
