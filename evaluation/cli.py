@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-ckpt", "--checkpoint", default=None,
                    help="trained editor checkpoint (file or folder); the editor is built from the editor config "
                         "saved with it (config.yaml), else from configs/<editor>/<backbone>.yaml")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="editor config instead of configs/<editor>/<backbone>.yaml (tuning; not with -ckpt, "
+                        "which brings the config it was trained with)")
     p.add_argument("-dn", "--data_name", required=True, help="EVQA, EIC, VLKEB or SYNTH-EVQA/EIC/VLKEB")
     p.add_argument("--split", default="eval", choices=("eval", "val"),
                    help="records to edit and test: eval (report) or val (tune configs on it). Synthetic "
@@ -149,6 +152,8 @@ def main(argv=None) -> dict:
     backbone_name = resolve_backbone_name(args.edit_model_name)
     spec = get_dataset_spec(args.data_name)
     weights, saved_config, config_source = None, None, None
+    if args.config and args.checkpoint:
+        raise UserError("--config and -ckpt: a checkpoint is evaluated with the config it was trained with")
     if args.checkpoint:
         if not editor_cls.trainable:
             raise UserError(f"editor {args.editor_name!r} is not trainable and takes no checkpoint (-ckpt)")
@@ -161,8 +166,8 @@ def main(argv=None) -> dict:
         config = from_dict(editor_cls.config_class, saved_config, f"{config_source}: editor_config")
         notes.append(f"note: editor config saved with the checkpoint: {config_source}")
     else:
-        config_source = config_path(args.editor_name, backbone_name)
-        config = load_config(editor_cls.config_class, args.editor_name, backbone_name)
+        config_source = Path(args.config) if args.config else config_path(args.editor_name, backbone_name)
+        config = load_config(editor_cls.config_class, args.editor_name, backbone_name, args.config)
         if weights is not None:
             notes.append(f"note: checkpoint {weights} has no saved editor config (config.yaml with editor_config); "
                          f"using {config_source}")

@@ -269,6 +269,15 @@ CASES = {
     "eval load missing state": (lambda c: c.evaluate("--load_edited_state", str(c.tmp / "s"), editor="ft-l"),
                                 "no saved state"),
     "eval ft-l string lr": (_ftl_string_lr, "lr: expected float, got '1e-4'"),
+    "eval --config missing": (lambda c: c.evaluate("--config", str(c.tmp / "nope.yaml"), editor="ft-l"),
+                              "no config"),
+    "eval --config unknown key": (lambda c: c.evaluate("--config", c.config(
+        "layer: 2\nsteps: 1\nlr: 1.0e-2\nearly_stop_loss: 0.0\nnorm_constraint: null\nwings: 2\n"), editor="ft-l"),
+        "wings"),
+    "eval --config with -ckpt": (lambda c: c.evaluate("--config", c.config("x: 1"), "-ckpt", str(c.tmp),
+                                                      editor="liveedit"), "--config and -ckpt"),
+    "eval --edit_batch 0": (lambda c: c.evaluate("--edit_batch", "0"), "--edit_batch must be a positive integer"),
+    "eval --image_cache_mb -1": (lambda c: c.evaluate("--image_cache_mb", "-1"), "--image_cache_mb must be 0 or more"),
     "eval load a corrupt saved state": (_corrupt_saved_state, "ft_l_state.safetensors is not a readable safetensors"),
     # ---- eval: checkpoints
     "eval -ckpt for none": (lambda c: c.evaluate("-ckpt", str(c.tmp)), "is not trainable and takes no checkpoint"),
