@@ -202,6 +202,7 @@ class LEMoEEditor(BaseEditor):
         return {k: (torch.randn(s, generator=g) * self.config.init_std).to(self.backbone.device)
                 for k, s in self.shapes.items()}
 
+    @torch.inference_mode(False)   # a flush may come from a scoring pass: its tensors must allow autograd
     def _train_expert(self, requests: list[Sample], index: int) -> dict[str, torch.Tensor]:
         """A new expert (and its router) trained on ``requests``; the existing experts stay frozen."""
         cfg, bb, below = self.config, self.backbone, self.layer_index - 1
@@ -235,7 +236,7 @@ class LEMoEEditor(BaseEditor):
             w_new = torch.sigmoid(route_scores(cache["q"], new)[:, 0] - cache["lse"])[:, None, None]
             return (1 - w_new) * cache["mix"] + w_new * e_new
 
-        with torch.inference_mode(False), torch.enable_grad():   # a flush may come from a scoring pass
+        with torch.enable_grad():
             with torch.no_grad():
                 hidden = bb.hidden_at(batch, below)
                 rows = torch.arange(n_edit, len(batch.input_ids), device=hidden.device)
