@@ -310,19 +310,23 @@ class VLBackbone:
                        target_range.to(self.device))
 
     # ---- running the LLM ----------------------------------------------------------------------
-    def _run(self, batch: VLBatch, start: int, stop: int, hidden=None, layer_edits=None):
+    def _run(self, batch: VLBatch, start: int, stop: int, hidden=None, layer_edits=None, cache=None):
         """Run decoder layers ``start..stop-1`` from ``hidden`` (the output of layer ``start-1``, or
         the input embeddings when ``start`` is 0), applying the ``layer_edits`` of each layer's
         named sites (``backbones/sites.py``). Each layer runs on its own device
-        (``backbones/devices.py``); its edits get the tensor and the batch on that device."""
+        (``backbones/devices.py``); its edits get the tensor and the batch on that device. With
+        ``cache`` (a transformers ``Cache``), the layers also store their keys and values in it."""
         dev = self.device   # where the embeddings (and the stack's position modules) are
-        h0, kwargs = self.stack.prepare(batch.inputs_embeds.to(dev), batch.attention_mask.to(dev))
-        h, kwargs = (h0 if hidden is None else hidden), PerDevice(kwargs)
-        per_layer = edits_by_layer(layer_edits)
+        h0, kwargs = self.stack.prepare(batch.inputs_embeds.to(dev), batch.attention_mask.to(dev), cache=cache)
+        return self._layers(h0 if hidden is None else hidden, kwargs, start, stop, layer_edits, batch)
+
+    def _layers(self, h, kwargs: dict, start: int, stop: int, layer_edits, batch: VLBatch | None):
+        kwargs, per_layer = PerDevice(kwargs), edits_by_layer(layer_edits)
         for i in range(start, stop):
             dev = module_device(self.stack.layers[i])
             edits = per_layer.get(i, {})
-            h = self.stack.run_layer(i, h.to(dev), kwargs.on(dev), edits, batch.to(dev) if edits else batch)
+            h = self.stack.run_layer(i, h.to(dev), kwargs.on(dev), edits,
+                                     batch.to(dev) if edits and batch is not None else batch)
         return h
 
     def logits(self, batch: VLBatch, layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:
@@ -348,8 +352,18 @@ class VLBackbone:
 
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], max_new_tokens: int,
-                 layer_edits: dict[int, LayerEdit] | None = None) -> list[list[int]]:
-        """Greedy decoding (full forward per step, right-padded batch); stops at EOS per sample."""
+                 layer_edits: dict[int, LayerEdit] | None = None,
+                 decoding_edits: dict[int, LayerEdit] | None = None) -> list[list[int]]:
+        """Greedy decoding of a right-padded batch; stops at EOS per sample. Two ways, the same tokens:
+
+        - with ``decoding_edits`` (``{}`` for the unedited model): the prompt runs once and each new
+          token then runs alone against the layers' key / value cache. A decoding edit is called once
+          on the prompt (with its batch) and then once per new token (``batch`` None, a [B, 1, D]
+          tensor), so it must act on a position from the prompt and that position alone
+          (``BaseEditor.decoding_edits``);
+        - otherwise: a full forward with ``layer_edits`` per new token."""
+        if decoding_edits is not None:
+            return self._generate_cached(samples, max_new_tokens, decoding_edits)
         batch = self.encode(samples, with_targets=False)
         B, L, D = batch.inputs_embeds.shape
         grow = lambda t, v: torch.cat([t, t.new_full((B, max_new_tokens) + t.shape[2:], v)], 1)
@@ -373,6 +387,32 @@ class VLBackbone:
             batch.input_ids[idx, lengths[idx]] = nxt[idx]
             batch.inputs_embeds[idx, lengths[idx]] = embed(nxt[idx]).to(batch.inputs_embeds.dtype)
             batch.attention_mask[idx, lengths[idx]] = 1
+        return out
+
+    def _generate_cached(self, samples, max_new_tokens: int, decoding_edits) -> list[list[int]]:
+        from transformers import DynamicCache
+        batch = self.encode(samples, with_targets=False)
+        B = batch.input_ids.shape[0]
+        lengths, rows = batch.lengths, torch.arange(B, device=self.device)
+        cache = DynamicCache()
+        logits = self.stack.head(self._run(batch, 0, self.num_layers, layer_edits=decoding_edits, cache=cache))
+        last = logits[rows.to(logits.device), (lengths - 1).to(logits.device)]
+        mask, embed = batch.attention_mask, self.model.get_input_embeddings()
+        out = [[] for _ in range(B)]
+        alive = torch.ones(B, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            nxt = last.argmax(-1).to(self.device)
+            for b in alive.nonzero().flatten().tolist():
+                out[b].append(int(nxt[b]))
+            alive &= nxt != self.tokenizer.eos_token_id
+            if not alive.any() or step == max_new_tokens - 1:
+                break
+            # every sample appends at the cache's next slot; its padding stays masked, and its
+            # position is its own length + step (what the full forward gives that token)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            h, kwargs = self.stack.prepare(embed(nxt)[:, None].to(batch.inputs_embeds.dtype), mask, cache=cache,
+                                           position_ids=(lengths + step)[:, None])
+            last = self.stack.head(self._layers(h, kwargs, 0, self.num_layers, decoding_edits, None))[:, -1]
         return out
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -135,3 +135,32 @@ def test_fast_and_reference_evaluations_agree(editor, tiny_dirs, tmp_path):
     if editor == "ft-m":   # the edits did move the model: the comparison is not between two no-ops
         moved = [s["tf_after"] != s["tf_before"] for r in got["points"][-1]["records"] for s in r["samples"].values()]
         assert any(moved)
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava"])
+def test_cached_decoding_equals_full_forwards(family, load_tiny, images):
+    """The key/value-cache path of generate (prompt once, then one token at a time, right-padded
+    batch of mixed lengths, text-only and image samples) gives the tokens of a full forward per
+    step, on the unedited model and after FT-L changed a weight (its decoding edits are empty)."""
+    from editors.ft_l import FTLConfig, FTLEditor
+    from vl_datasets.records import Sample
+    bb = load_tiny(family)
+    samples = [Sample("What color is the shape? The answer is:", "red", images[0]),
+               Sample("nq question: who wrote the letter?", "Anna", None),
+               Sample("Describe it.", "a blue square", images[2]),
+               Sample("What is shown in this rather long picture question, please?", "cat", images[1])]
+    with torch.no_grad():
+        assert bb.generate(samples, 5, decoding_edits={}) == bb.generate(samples, 5)
+    ed = FTLEditor(bb, FTLConfig(layer=1, steps=5, lr=3e-2, early_stop_loss=0.0, norm_constraint=None))
+    before = None
+    try:
+        with torch.no_grad():
+            before = bb.generate(samples, 5)
+        ed.edit(samples[0])
+        assert ed.decoding_edits() == {}
+        with torch.no_grad():
+            full = bb.generate(samples, 5)
+            assert ed.generate(samples, 5) == full
+        assert full != before
+    finally:
+        ed.restore()

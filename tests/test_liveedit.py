@@ -534,3 +534,25 @@ def test_target_identity_probe(load_tiny, images):
     start, end = batch.target_range[0].tolist()
     expected = torch.nn.functional.layer_norm(h[0, start:end].mean(0), (bb.hidden_size,))
     assert torch.allclose(states[1][0], expected, atol=1e-5)
+
+
+def test_cached_decoding_generates_what_full_forwards_do(trained, training_records):
+    """Generation with the key/value cache (routing once from the prompt, the residual on each new
+    token) gives the tokens of a full forward per step, for routed and unrouted samples alike."""
+    ed, _ = trained
+    for r in training_records:
+        ed.edit(r.edit)
+    try:
+        bb = ed.backbone
+        samples = ([r.edit for r in training_records] + [r.image_rephrase for r in training_records]
+                   + [r.image_loc for r in training_records] + [training_records[0].text_loc])
+        with torch.no_grad():
+            batch = bb.encode(samples, with_targets=False)
+            assert ed._routing(bb.hidden_at(batch, LAYER), batch) is not None      # the edits do act
+            full = bb.generate(samples, 4, ed.layer_edits())
+            assert ed.decoding_edits() and ed.generate(samples, 4) == full
+            unedited = bb.generate(samples, 4)
+        assert full != unedited
+    finally:
+        ed.restore()
+    assert ed.decoding_edits() == {}
