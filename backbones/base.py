@@ -124,6 +124,7 @@ class VLBackbone:
     image_token = "<image>"
     fingerprint = None   # digest of the weights (backbones/fingerprint.py), set by load_backbone
     image_cache_bytes = 512 * 2 ** 20   # ImageFeatureCache budget (test_vllm_edit.py --image_cache_mb)
+    decode_with_cache = True            # editors may decode with the key/value cache (False: --decode_all)
 
     def __init__(self, name: str, model, processor, stack: DecoderStack, n_vision_tokens: int):
         self.name = name

@@ -77,7 +77,7 @@ class BaseEditor:
         return {} if not self.layer_edits() else None
 
     def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[list[int]]:
-        cached = self.decoding_edits()
+        cached = self.decoding_edits() if self.backbone.decode_with_cache else None
         if cached is not None:
             return self.backbone.generate(samples, max_new_tokens, decoding_edits=cached)
         return self.backbone.generate(samples, max_new_tokens, self.layer_edits())

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edits applied per call for editors with edit_batch (LiveEdit, RECIPE, LTE): the same "
                         "state as one at a time; s/edit is then each group's time / its size (default 1)")
     p.add_argument("--decode_all", action="store_true",
-                   help="decode every sample step by step instead of verifying candidate generations by teacher "
-                        "forcing: the same generations, slower (scripts/bench_eval.py)")
+                   help="decode every sample step by step, a full forward per token, instead of verifying candidate "
+                        "generations by teacher forcing and decoding with the key/value cache: the same generations, "
+                        "slower (scripts/bench_eval.py)")
     p.add_argument("--image_cache_mb", type=int, default=512,
                    help="image features kept between scoring passes, in MiB (0: off; backbones/base.py)")
     return p
@@ -241,6 +242,7 @@ def main(argv=None) -> dict:
         torch.manual_seed(args.seed)
         backbone = load_backbone(backbone_name, device, model_path)
         backbone.image_cache.max_bytes = args.image_cache_mb * 2 ** 20
+        backbone.decode_with_cache = not args.decode_all
         editor = editor_cls(backbone, config)
         if weights is not None:
             load_checkpoint(editor, weights)

@@ -5,10 +5,11 @@
 Runs ``test_vllm_edit.py`` twice on the same stream, each in a fresh process and a temporary records
 folder:
 
-- **reference**: every sample's greedy generation decoded step by step (``--decode_all``), every image
-  encoded again at each use (``--image_cache_mb 0``), one edit per call (``--edit_batch 1``): what
-  evaluation did before these three were added;
+- **reference**: every sample's greedy generation decoded step by step with a full forward per token
+  (``--decode_all``), every image encoded again at each use (``--image_cache_mb 0``), one edit per call
+  (``--edit_batch 1``): what evaluation did before these four were added;
 - **default**: candidate generations verified by one teacher-forced pass (``evaluation/scoring.py``),
+  the rest decoded with the key/value cache where the editor allows it (``VLBackbone.generate``),
   image features cached between passes (``backbones/base.py``, ``ImageFeatureCache``), and edits in
   groups of ``--edit_batch`` for editors that have ``edit_batch``.
 
