@@ -222,7 +222,7 @@ def test_repository_grows_by_doubling_and_keeps_its_contents():
     appended, growths = [], 0
     sizes = [1] * 40 + [3, 7, 1, 16, 33, 1, 100, 2]
     for seed, n in enumerate(sizes):
-        cap_before, ptr_before = repo.capacity, repo._store["U"].data_ptr()
+        cap_before, ptr_before = repo.capacity, repo.tensor("U").untyped_storage().data_ptr()
         chunk = random_experts(n, seed=seed)
         repo.append(*chunk)
         appended.append(chunk)
@@ -230,7 +230,7 @@ def test_repository_grows_by_doubling_and_keeps_its_contents():
         assert cap >= len(repo) and cap % 4 == 0 and (cap // 4) & (cap // 4 - 1) == 0   # 4 * 2^j
         assert cap < 2 * len(repo) or cap == 4                                           # tight
         if cap == cap_before:                          # no reallocation while there is room
-            assert repo._store["U"].data_ptr() == ptr_before
+            assert repo.tensor("U").untyped_storage().data_ptr() == ptr_before
         else:
             growths += 1
     total = sum(sizes)
