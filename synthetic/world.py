@@ -671,6 +671,30 @@ def _render_chunk(args) -> int:
     return len(tasks)
 
 
+def run_render_tasks(worker, tasks: list, seed: int, size: int, workers: int, progress: bool,
+                     desc: str = "render") -> None:
+    """Run ``worker((seed, size, chunk of tasks))`` (a module-level function returning how many tasks
+    it did) over ``tasks``: in ``workers`` spawned processes when > 1, with a progress bar."""
+    chunk = max(1, min(200, math.ceil(len(tasks) / (4 * max(workers, 1)))))
+    chunks = [(seed, size, tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
+    bar = (_tqdm(total=len(tasks), desc=desc, unit="img", file=sys.stderr, mininterval=0.5)
+           if progress and _tqdm is not None and tasks else None)
+    try:
+        if workers > 1 and len(chunks) > 1:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+                for done in ex.map(worker, chunks):
+                    if bar is not None:
+                        bar.update(done)
+        else:
+            for c in chunks:
+                done = worker(c)
+                if bar is not None:
+                    bar.update(done)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -1075,24 +1099,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
         (root / d).mkdir(parents=True, exist_ok=True)
     tasks = [(astuple_entity(b.ents[i]), k, [str(root / p) for p in renders[(i, k)]])
              for i, k in keys]
-    chunk = max(1, min(200, math.ceil(len(tasks) / (4 * max(workers, 1)))))
-    chunks = [(cfg.seed, cfg.image_size, tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
-    bar = (_tqdm(total=len(tasks), desc="render", unit="img", file=sys.stderr, mininterval=0.5)
-           if progress and _tqdm is not None else None)
-    try:
-        if workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
-                for done in ex.map(_render_chunk, chunks):
-                    if bar is not None:
-                        bar.update(done)
-        else:
-            for c in chunks:
-                done = _render_chunk(c)
-                if bar is not None:
-                    bar.update(done)
-    finally:
-        if bar is not None:
-            bar.close()
+    run_render_tasks(_render_chunk, tasks, cfg.seed, cfg.image_size, workers, progress)
 
     for name, recs in datasets.items():
         _dump_records(root / DATASET_FILES[name][0], recs)
