@@ -143,7 +143,12 @@ entities (of the 720 with reserved signatures), 2 pretraining renders for each o
 entities: 132k pretraining examples (19 MB), 12k held-out examples, 24,936 PNG files (64x64
 RGB, 18,436 distinct renders; 108 MB in all); ~17 s on 2 cores. Each dataset's train and eval
 records use one distinct entity per record. For extra image augmentation while pretraining, :func:`render_entity` with
-``k >= 2 + pretrain_renders`` gives fresh renders that are never dataset images.
+``2 + pretrain_renders <= k < 1000`` gives fresh renders that are never dataset images (k = 1000 is the
+general set's, k >= 2000 the large eval split's).
+
+The large eval split (SYNTH-EVQA ``eval_large``, 10,000 records by default) is not part of the world:
+``--large_eval N`` (or its first use) adds it to a complete world without changing any file of it; see
+:mod:`synthetic.large_eval`.
 """
 
 from __future__ import annotations
@@ -1307,6 +1312,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="entities per colour signature (shape colour, background, frame)")
     p.add_argument("--n_general", type=int, default=d.n_general,
                    help="questions of the general-capability VQA set")
+    p.add_argument("--large_eval", type=int, default=0, metavar="N",
+                   help="also write SYNTH-EVQA's large eval split of N records (split eval_large, e.g. 10000; "
+                        "an addition that changes no file of the world: synthetic/large_eval.py)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes")
     p.add_argument("--force", action="store_true", help="regenerate even if the world is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -1322,13 +1330,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg.validate()
-        if not a.force and is_complete(a.out, cfg):
-            print(f"synthetic world already complete in {Path(a.out).absolute()}; nothing to do")
-            return 0
-        out = generate_world(a.out, cfg, workers=a.workers, progress=not a.quiet)
+        if a.large_eval < 0:
+            raise ValueError(f"--large_eval must be a positive number of records (0: none), got {a.large_eval}")
+        existed = not a.force and is_complete(a.out, cfg)
+        if existed:
+            print(f"synthetic world already complete in {Path(a.out).absolute()}"
+                  + ("" if a.large_eval else "; nothing to do"))
+            out = Path(a.out).absolute()
+        else:
+            out = generate_world(a.out, cfg, workers=a.workers, progress=not a.quiet)
+        if a.large_eval:
+            from synthetic import large_eval
+            large_eval.ensure(out, a.large_eval, workers=a.workers, progress=not a.quiet)
+            lm = large_eval.read_manifest(out)
+            print(f"{out / large_eval.RECORDS_FILE}: {lm['records']} records ({lm['distinct_facts']} distinct facts, "
+                  f"{lm['re_edits']} re-edits); {time.perf_counter() - t0:.1f} s")
     except (ValueError, TypeError, FileExistsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if existed:
+        return 0
     m = read_manifest(out)
     counts = ", ".join(f"{k} {v['records']}" for k, v in m["datasets"].items())
     print(f"{out}: {counts}; pretrain {m['pretrain']['train']['examples']} examples, heldout "
