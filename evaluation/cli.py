@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="editor config instead of configs/<editor>/<backbone>.yaml (tuning; not with -ckpt, "
                         "which brings the config it was trained with)")
     p.add_argument("-dn", "--data_name", required=True, help="EVQA, EIC, VLKEB or SYNTH-EVQA/EIC/VLKEB")
-    p.add_argument("--split", default="eval", choices=("eval", "val"),
+    p.add_argument("--split", default="eval", choices=("eval", "val", "eval_large"),
                    help="records to edit and test: eval (report) or val (tune configs on it). Synthetic "
-                        "datasets have a val file; real ones use the last records of their train file")
+                        "datasets have a val file; real ones use the last records of their train file. "
+                        "eval_large: SYNTH-EVQA's 10,000 records for one long stream (generated on first use)")
     p.add_argument("-dsn", "--data_sample_n", type=int, default=None, help="use the first N records of the split")
     p.add_argument("--data_dir", default=None, help="data root (default: data/)")
     p.add_argument("--model_path", default=None, help="backbone folder (default: utils/GLOBAL.py model_path_map)")
@@ -177,7 +178,10 @@ def main(argv=None) -> dict:
                         f"(--save_edited_state / --load_edited_state)")
     data_dir = Path(args.data_dir) if args.data_dir else DATA_DIR
     split = args.split
-    prepare_dataset(spec.name, data_dir)
+    if split not in spec.splits:   # before anything is generated
+        raise UserError(f"--split {split}: dataset {spec.name} has no such split (splits: {', '.join(spec.splits)})"
+                        + ("; eval_large exists for SYNTH-EVQA only" if split == "eval_large" else ""))
+    prepare_dataset(spec.name, data_dir, split)
     records = load_dataset(spec.name, split, data_dir, limit=args.data_sample_n)
     n = len(records)
     if args.data_sample_n and n < args.data_sample_n:

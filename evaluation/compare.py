@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_at", default="1,10,100,1000", help="edit counts at which the stream is tested")
     a("--seeds", default="0", help="comma-separated seeds (training seed of trainable editors and --seed)")
     a("--all_seeds", action="store_true", help="run non-trainable editors on every seed too")
-    a("--split", default="eval", choices=("eval", "val"), help="records to edit and test")
+    a("--split", default="eval", choices=("eval", "val", "eval_large"),
+      help="records to edit and test (eval_large: SYNTH-EVQA's 10,000 records, test_vllm_edit.py --split)")
     a("-dsn", "--data_sample_n", type=int, default=None, help="use the first N records of the split")
     a("--ckpt", action="append", default=[], metavar="EDITOR=PATH",
       help="a trained checkpoint instead of training; repeat for several seeds (in --seeds order)")
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data_dir", default=None, help="data root (default: data/)")
     a("--model_path", default=None, help="backbone folder (default: utils/GLOBAL.py)")
     a("--records_dir", default=None, help="records root (default: records/)")
-    a("--out", default=None, help="output folder (default: <records>/compare/<backbone>/<dataset>[-val]; one dataset)")
+    a("--out", default=None,
+      help="output folder (default: <records>/compare/<backbone>/<dataset>[-<split>]; one dataset)")
     a("--no_run", action="store_true", help="only rebuild the tables from the finished cells")
     a("--results_md", default=None, help="also write the README 'Results' block for every dataset to this file")
     a("--figures", default=None, help="copy each curves.png to DIR/results-<backbone>-<dataset>.png")
@@ -538,7 +540,12 @@ def main(argv=None) -> dict:
         if value is not None and value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     backbone = resolve_backbone_name(args.edit_model_name)
-    datasets = [get_dataset_spec(d.strip()).name for d in args.data_name.split(",") if d.strip()]
+    specs = [get_dataset_spec(d.strip()) for d in args.data_name.split(",") if d.strip()]
+    for spec in specs:   # before anything runs
+        if args.split not in spec.splits:
+            raise UserError(f"--split {args.split}: dataset {spec.name} has no such split "
+                            f"(splits: {', '.join(spec.splits)})")
+    datasets = [spec.name for spec in specs]
     if args.out and len(datasets) > 1:
         raise UserError("--out takes one dataset; leave it out with several -dn")
     parse_ckpts(args.ckpt)

@@ -255,6 +255,8 @@ CASES = {
     "eval neither -sen nor --eval_at": (lambda c: c.evaluate(sen=None), "give -sen"),
     "eval --eval_batch_size 0": (lambda c: c.evaluate("--eval_batch_size", "0"), "--eval_batch_size must be"),
     "eval --split test": (lambda c: c.evaluate("--split", "test"), "invalid choice: 'test'"),
+    "eval --split eval_large of a real dataset": (lambda c: c.evaluate("--split", "eval_large"),
+                                                  "eval_large exists for SYNTH-EVQA only"),
     "eval -enp ../../x": (lambda c: c.evaluate("-enp", "../../x"), "-enp/--eval_name_postfix '../../x'"),
     "eval -dvc foo": (lambda c: c.evaluate("-dvc", "foo"), "-dvc: unknown device 'foo'"),
     "eval --records_dir is a file": (lambda c: ("eval", c.evaluate()[1] + ["--records_dir", c.config("x")]),
