@@ -125,6 +125,7 @@ class VLBackbone:
     fingerprint = None   # digest of the weights (backbones/fingerprint.py), set by load_backbone
     image_cache_bytes = 512 * 2 ** 20   # ImageFeatureCache budget (test_vllm_edit.py --image_cache_mb)
     decode_with_cache = True            # editors may decode with the key/value cache (False: --decode_all)
+    image_batch = 64                    # images encoded per call when filling the image cache
 
     def __init__(self, name: str, model, processor, stack: DecoderStack, n_vision_tokens: int):
         self.name = name
@@ -227,6 +228,12 @@ class VLBackbone:
             raise ValueError(f"target {target!r} adds no token after prompt {prompt!r}")
         return tuple(prefix + full), len(prefix) + n
 
+    def warm_image_cache(self, paths: Sequence[str]) -> None:
+        """Encode the images of ``paths`` that the cache lacks, in groups (what a scoring pass will
+        ask for, one small batch at a time). No-op while autograd records or with the cache off."""
+        if paths and not torch.is_grad_enabled() and self.image_cache.max_bytes > 0:
+            self.images_features(list(dict.fromkeys(paths)))
+
     def images_features(self, paths: Sequence[str]) -> torch.Tensor | None:
         """[N, n_vision_tokens, D] features of the images at ``paths`` (opened here). Without autograd
         they come from ``image_cache`` (each missing image encoded once); with autograd on (an editor
@@ -240,14 +247,15 @@ class VLBackbone:
         keys = {p: image_file_key(p) for p in paths}       # a file rewritten in place is a new image
         missing = [p for p in keys if cache.get(keys[p]) is None]
         fresh = {}
-        # One image at a time: a cached image's features are then a function of the image and the
-        # weights alone, not of which images shared its batch (they differ by ~1e-6 otherwise), so
-        # any batch size and any process give the same features. Made outside inference mode, so
-        # that edits, which run outside it, can use them too.
+        # Missing images are encoded together, in groups of ``image_batch`` (one at a time, the
+        # tiny encoders spend most of their time in Python). Made outside inference mode, so that
+        # edits, which run outside it, can use them too.
         with torch.inference_mode(False), torch.no_grad():
-            for p in missing:
-                fresh[p] = self.image_features(self.pixel_values([open_image(p)]))[0]
-                cache.put(keys[p], fresh[p])
+            for i in range(0, len(missing), self.image_batch):
+                group = missing[i:i + self.image_batch]
+                for p, f in zip(group, self.image_features(self.pixel_values([open_image(p) for p in group]))):
+                    fresh[p] = f
+                    cache.put(keys[p], f)
         cache.hits += len(paths) - len(missing)
         cache.misses += len(missing)
         return torch.stack([fresh[p] if p in fresh else cache.get(keys[p]) for p in paths])

@@ -54,6 +54,7 @@ def run_samples(editor, samples: Sequence[Sample], batch_size: int, progress=Non
     decoded step by step only when the candidate is not what greedy decoding gives. ``verify`` false
     decodes every sample step by step (the same generations: ``scripts/bench_eval.py`` checks it)."""
     bb = editor.backbone
+    bb.warm_image_cache([s.image for s in samples if s.image is not None])
     out = []
     for start in range(0, len(samples), batch_size):
         part = list(samples[start:start + batch_size])
