@@ -457,18 +457,25 @@ class Comparison:
         editors = list(dict.fromkeys(r["editor"] for r in rows))
         fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.4), sharex=True, sharey=True,
                                  squeeze=False)
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        # twelve editors outgrow one 10-colour cycle: `none` (the floor) grey and dashed, LiveEdit black
+        # and thick, every other editor its own colour
+        palette = [plt.get_cmap("tab10")(i) for i in range(10)] + [plt.get_cmap("Dark2")(i) for i in range(8)]
+        others = [e for e in editors if e not in ("none", "liveedit")]
+        styles = {e: {"color": palette[i % len(palette)], "lw": 1.4} for i, e in enumerate(others)}
+        styles["none"] = {"color": "0.5", "lw": 1.4, "ls": "--"}
+        styles["liveedit"] = {"color": "black", "lw": 2.4}
         for i, (title, key) in enumerate(SCORINGS):
             for j, name in enumerate(names):
                 ax = axes[i][j]
-                for k, editor in enumerate(editors):
+                for editor in editors:
                     pts = [r for r in rows if r["editor"] == editor and r[f"{name}_{key}"][0] is not None]
                     if not pts:
                         continue
                     x = [r["n_edits"] for r in pts]
                     y = [r[f"{name}_{key}"][0] for r in pts]
-                    c = colours[k % len(colours)]
-                    ax.plot(x, y, "-o", color=c, label=editor, ms=3.5, lw=1.4)
+                    style = styles[editor]
+                    c = style["color"]
+                    ax.plot(x, y, marker="o", label=editor, ms=3.5, **{"ls": "-", **style})
                     sd = [r[f"{name}_{key}"][1] for r in pts]
                     if any(s is not None for s in sd):
                         sd = [s or 0.0 for s in sd]
