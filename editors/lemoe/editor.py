@@ -203,7 +203,13 @@ class LEMoEEditor(BaseEditor):
                 for k, s in self.shapes.items()}
 
     def _train_expert(self, requests: list[Sample], index: int) -> dict[str, torch.Tensor]:
-        """A new expert (and its router) trained on ``requests``; the existing experts stay frozen."""
+        """A new expert (and its router) trained on ``requests``; the existing experts stay frozen.
+        Out of inference mode from the start (a flush may come from a scoring pass): the expert's
+        parameters and the encoded batch must be ordinary tensors for autograd."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._fit_expert(requests, index)
+
+    def _fit_expert(self, requests: list[Sample], index: int) -> dict[str, torch.Tensor]:
         cfg, bb, below = self.config, self.backbone, self.layer_index - 1
         params = {k: v.requires_grad_(True) for k, v in self.initial_expert(index).items()}
         trained = [p for k, p in params.items() if k != "key" or cfg.train_router_keys]
@@ -235,7 +241,7 @@ class LEMoEEditor(BaseEditor):
             w_new = torch.sigmoid(route_scores(cache["q"], new)[:, 0] - cache["lse"])[:, None, None]
             return (1 - w_new) * cache["mix"] + w_new * e_new
 
-        with torch.inference_mode(False), torch.enable_grad():   # a flush may come from a scoring pass
+        with torch.enable_grad():
             with torch.no_grad():
                 hidden = bb.hidden_at(batch, below)
                 rows = torch.arange(n_edit, len(batch.input_ids), device=hidden.device)
