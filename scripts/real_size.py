@@ -9,9 +9,13 @@ is skipped with a note), it runs: a few training steps for a trainable editor (i
 ``training_losses``, Adam and the training loop's loss scaling), ``--edits`` edits and a batched
 evaluation of the edited records' five samples (``evaluation.scoring.run_samples``: teacher-forced
 pass and greedy generation, as ``test_vllm_edit.py`` scores). It prints, per editor, the peak memory
-of each phase, training steps/s, seconds per edit and evaluation samples/s, then what a user needs
-at the published depth: parameter bytes plus the measured activations, extrapolated per decoder
-layer with the bytes one layer saves for backward (measured with ``saved_tensors_hooks``).
+of each phase (the editor's construction included: its own modules, copies of weights), training
+steps/s, seconds per edit and evaluation samples/s, then what a user needs at the published depth
+(``estimates``): for training, and for the evaluation after 1,000 edits (the editor's state at
+1,000 edits: LiveEdit's 1,000 experts, FT-L's master copy). Depth is extrapolated per decoder
+layer: the layers that backpropagate at full depth but not at the cut one (where backpropagation
+starts is traced, ``gradient_reach``) each add the bytes one layer saves for backward (measured with
+``saved_tensors_hooks``).
 
     python -m scripts.real_size --layers 2 --dtype bf16           # CPU: full width, 2 decoder layers
     python -m scripts.real_size -dvc cuda:0 --dtype bf16          # a GPU: full depth
@@ -33,7 +37,9 @@ default keeps it real).
 
 Memory: on CUDA, torch's allocator peak (summed over devices) per phase; on the CPU, the process's
 peak resident set (VmHWM, reset at each phase start through /proc/self/clear_refs, else getrusage's
-maximum RSS), minus the resident set at the phase start (glibc set to return freed blocks to the OS).
+maximum RSS), minus the resident set at the phase start (glibc set to return freed blocks to the OS);
+``retained``: what is still in use at the phase's end (after garbage collection). Not counted: the
+CUDA context, the allocator's cached blocks and fragmentation (on a GPU ``nvidia-smi`` shows more).
 """
 import argparse
 import contextlib
@@ -102,11 +108,15 @@ class Memory:
         self.base = self.in_use()
 
     def stop(self) -> dict:
+        """``peak``, ``above_start`` (the peak minus the use at the start) and ``retained`` (what the
+        phase left in use once its garbage is collected: an editor's modules, its edited state)."""
+        gc.collect()
+        retained = self.in_use() - self.base
         if self.cuda:
             per = [torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())]
-            return {"peak": sum(per), "above_start": sum(per) - self.base, "per_device": per}
+            return {"peak": sum(per), "above_start": sum(per) - self.base, "retained": retained, "per_device": per}
         peak = self._hwm()
-        return {"peak": peak, "above_start": max(0, peak - self.base)}
+        return {"peak": peak, "above_start": max(0, peak - self.base), "retained": retained}
 
 
 def return_freed_memory() -> None:
@@ -178,12 +188,48 @@ def clamp_layers(config, n_layers: int, edit_layer: int | None, notes: list):
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def layer_of(config):
+def layer_of(config, n_layers: int):
+    """The lowest decoder layer (0-based, in a stack of ``n_layers``) that an editor's config names,
+    or None (an editor that names no layer: FT-M, none, ...)."""
     for name in LAYER_FIELDS:
         v = getattr(config, name, None)
         if isinstance(v, int) and not isinstance(v, bool):
-            return v
+            return v % n_layers
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            return min(x % n_layers for x in v)
     return None
+
+
+@contextlib.contextmanager
+def gradient_reach(backbone):
+    """Records where backpropagation starts in the decoder stack while the block runs: yields a dict
+    whose ``from`` is, after the block, the lowest decoder layer whose output required grad, else
+    the number of layers when only the head's input did (an editor acting on the top layer's output,
+    e.g. LiveEdit's training at a cut depth), else None (no gradient through the LLM). Layers from
+    ``from`` up save activations for backward; the layers above an editor's layer do at full depth
+    too, which is what ``estimates`` adds for the published depth."""
+    stack = backbone.stack
+    seen = {"layers": set(), "head": False, "from": None}
+    run_layer, head = stack.run_layer, stack.head
+
+    def traced_layer(i, hidden, *args, **kwargs):
+        out = run_layer(i, hidden, *args, **kwargs)
+        if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+            seen["layers"].add(i)
+        return out
+
+    def traced_head(hidden):
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            seen["head"] = True
+        return head(hidden)
+
+    stack.run_layer, stack.head = traced_layer, traced_head
+    try:
+        yield seen
+    finally:
+        del stack.run_layer, stack.head          # the class's methods again
+        seen["from"] = (min(seen["layers"]) if seen["layers"]
+                        else backbone.num_layers if seen["head"] else None)
 
 
 def grad_activation_bytes(backbone, batch, layer: int) -> int:
@@ -213,7 +259,7 @@ def sync(cuda: bool):
             torch.cuda.synchronize(i)
 
 
-def run_editor(name, backbone, records, args, mem, cuda):
+def run_editor(name, backbone, records, args, mem, cuda, full_layers):
     """Train (trainable editors), edit and evaluate one editor; its figures, or a skip note."""
     from editors import EDITORS
     from evaluation.scoring import run_samples
@@ -223,15 +269,18 @@ def run_editor(name, backbone, records, args, mem, cuda):
     cls = EDITORS.get(name)
     try:
         config = load_config(cls.config_class, name, backbone.name)
-        config = clamp_layers(config, backbone.num_layers, args.edit_layer, out["notes"])
         if args.overrides.get(name):
             config = dataclasses.replace(config, **args.overrides[name])
             out["notes"].append(f"config overrides {args.overrides[name]}")
+        out["full_layer"] = layer_of(config, full_layers)      # where it acts at the published depth
+        config = clamp_layers(config, backbone.num_layers, args.edit_layer, out["notes"])
+        mem.start()                        # the editor's own memory: modules, copies of weights, ...
         editor = cls(backbone, config)
+        out["setup_memory"] = mem.stop()
     except Exception as e:  # noqa: BLE001 - any editor that cannot run here is reported, not fatal
         out["skipped"] = f"{type(e).__name__}: {e}"
         return out
-    out["layer"] = layer_of(config)
+    out["layer"] = layer_of(config, backbone.num_layers)
     try:
         if getattr(cls, "trainable", False):
             params = list(editor.trainable_parameters())
@@ -245,21 +294,24 @@ def run_editor(name, backbone, records, args, mem, cuda):
             editor.train()
             times = []
             mem.start()
-            for step in range(args.train_steps):
-                recs = [records[(step * args.batch_size + j) % len(records)] for j in range(args.batch_size)]
-                t0 = time.perf_counter()
-                with autocast:
-                    terms = editor.training_losses(recs)
-                loss = sum(terms.values())
-                scaling.backward(loss)
-                scaling.step(opt)
-                opt.zero_grad(set_to_none=True)
-                sync(cuda)
-                times.append(time.perf_counter() - t0)
-                if not torch.isfinite(loss.detach()):
-                    out["notes"].append(f"training step {step + 1}: loss {float(loss)} is not finite")
+            with gradient_reach(backbone) as reach:
+                for step in range(args.train_steps):
+                    recs = [records[(step * args.batch_size + j) % len(records)] for j in range(args.batch_size)]
+                    t0 = time.perf_counter()
+                    with autocast:
+                        terms = editor.training_losses(recs)
+                    loss = sum(terms.values())
+                    scaling.backward(loss)
+                    scaling.step(opt)
+                    opt.zero_grad(set_to_none=True)
+                    sync(cuda)
+                    times.append(time.perf_counter() - t0)
+                    if not torch.isfinite(loss.detach()):
+                        out["notes"].append(f"training step {step + 1}: loss {float(loss)} is not finite")
+                del terms, loss
+            del opt
             out["train_memory"] = mem.stop()
-            del opt, terms, loss
+            out["train_grad_from"] = reach["from"]
             editor.eval()
             timed = times[1:] or times
             out["train_step_s"] = times
@@ -267,15 +319,29 @@ def run_editor(name, backbone, records, args, mem, cuda):
             out["train_samples"] = 4 * args.batch_size
         edit_recs = records[:args.edits]
         mem.start()
-        times = []
-        for r in edit_recs:
-            t0 = time.perf_counter()
-            editor.edit(r.edit)
-            sync(cuda)
-            times.append(time.perf_counter() - t0)
+        times, state = [], []
+        with gradient_reach(backbone) as reach:
+            for r in edit_recs:
+                t0 = time.perf_counter()
+                editor.edit(r.edit)
+                sync(cuda)
+                times.append(time.perf_counter() - t0)
+                state.append(editor.state_bytes())
         out["edit_memory"] = mem.stop()
+        out["edit_grad_from"] = reach["from"]
         out["edit_s"] = times
         out["s_per_edit"] = statistics.mean(times[1:] or times)
+        out["state_bytes"] = state             # editor.state_bytes() after each edit (None: unknown)
+        repo = getattr(editor, "repository", None)
+        if repo is not None and hasattr(repo, "bytes_per_expert"):
+            out["bytes_per_expert"] = repo.bytes_per_expert()
+            out["repository_capacity"] = repo.capacity
+        masters = getattr(editor, "masters", None)        # FT-L / FT-M: float32 copies the edits step
+        if masters:
+            out["master_bytes"] = sum(m.numel() * m.element_size() for m in masters)
+        snapshot = getattr(editor, "snapshot", None)      # and the weights before the first edit
+        if snapshot is not None and hasattr(snapshot, "originals"):
+            out["original_bytes"] = sum(o.numel() * o.element_size() for o in snapshot.originals)
         samples = [s for r in edit_recs[:args.eval_records] for s in r.samples().values()]
         if not samples:
             editor.restore()
@@ -289,13 +355,6 @@ def run_editor(name, backbone, records, args, mem, cuda):
         out["eval_samples"] = len(samples)
         out["eval_samples_per_s"] = len(samples) / dt
         out["rel_hits"] = sum(o.tf == o.target for o in results[0::5])
-        repo = getattr(editor, "repository", None)
-        if repo is not None and hasattr(repo, "bytes_per_expert"):
-            out["bytes_per_expert"] = repo.bytes_per_expert()
-        master = getattr(editor, "master", None)
-        if isinstance(master, torch.Tensor):
-            out["master_bytes"] = master.numel() * master.element_size()
-            out["original_bytes"] = editor.original.numel() * editor.original.element_size()
         editor.restore()
     except Exception as e:  # noqa: BLE001
         out["failed"] = f"{type(e).__name__}: {e}"
@@ -310,44 +369,78 @@ def run_editor(name, backbone, records, args, mem, cuda):
 
 
 # ---- what a user needs at the published depth --------------------------------------------------------
-def estimates(built, res, probe, n_full_layers, batch_size):
-    """Memory at the published depth from the figures measured at the cut depth (README, "Real-size
-    backbones"): parameter bytes at full depth, plus what the phase measured above its start, plus,
-    for every decoder layer that backpropagates at full depth but not at the cut depth, the bytes a
-    layer saves for backward per token (``probe``) times the tokens of the batch. Training is also
-    given per record (activations scale with the batch; Adam state and gradients do not) and at the
-    README's batch size 8."""
-    n = built.backbone.num_layers
-    per_token = probe["bytes_per_token_per_layer"]
-    est = {}
-    layer = res.get("layer")
-    full_layer = None
-    if layer is not None:
-        from utils.config import load_config
-        from editors import EDITORS
-        cfg = load_config(EDITORS.get(res["editor"]).config_class, res["editor"], built.backbone.name)
-        full_layer = layer_of(cfg) % n_full_layers
-        cut_layer = layer % n
-    if "train_memory" in res and full_layer is not None:
-        extra = (n_full_layers - 1 - full_layer) - (n - 1 - cut_layer)       # more layers above l_e
-        fixed = 3 * res["trainable_bytes"]                                    # gradients, Adam's two moments
-        per_record = (max(0, res["train_memory"]["above_start"] - fixed)
-                      + extra * per_token * probe["train_tokens"]) / batch_size
-        est["train"] = built.full_parameter_bytes + fixed + batch_size * per_record
-        est["train_bs8"] = built.full_parameter_bytes + fixed + 8 * per_record
-        est["train_per_record"] = per_record
-        est["train_extra_layers"] = extra
-    state = 0
+EVAL_EDITS = 1000       # "evaluation at 1,000 edits"
+
+
+def full_depth_extra_layers(grad_from, n: int, n_full: int, layer, full_layer) -> int:
+    """Decoder layers that backpropagate at the published depth (``n_full`` layers) but not at the
+    cut depth (``n``). ``grad_from`` (``gradient_reach``) is where backpropagation started at the cut
+    depth: it keeps its distance to the editor's layer (``layer`` at the cut depth, ``full_layer`` at
+    full depth; FT-L's layer 21, LiveEdit's l_e = 21 whose output it changes: from 22), or, for an
+    editor that names no layer (FT-M's connector sits below layer 0), its place."""
+    if grad_from is None:
+        return 0
+    start = grad_from if layer is None or full_layer is None else grad_from - layer + full_layer
+    start = min(max(start, 0), n_full)
+    return max(0, (n_full - start) - (n - grad_from))
+
+
+def state_growth(res: dict, n_edits: int = EVAL_EDITS):
+    """Bytes the edited state grows by from the edits measured to ``n_edits``: ``state_bytes()`` per
+    edit extrapolated linearly from the first to the last measured edit (0 for editors whose state
+    does not grow: FT-L's master copy is made at the first edit); LiveEdit's repository allocates by
+    doubling (1,000 experts: 1,024 slots). None when the editor cannot tell its state's size."""
+    sb = res.get("state_bytes") or []
+    if not sb or any(v is None for v in sb):
+        return None
+    slope = (sb[-1] - sb[0]) / (len(sb) - 1) if len(sb) > 1 else 0.0
+    growth = max(0.0, slope * (n_edits - len(sb)))
     if "bytes_per_expert" in res:
-        state = res["bytes_per_expert"] * 1024          # 1,000 experts: storage doubles to 1,024
-    edit_above = res.get("edit_memory", {}).get("above_start", 0)
-    if "master_bytes" in res and full_layer is not None:
-        # FT-L's edits backprop from its layer to the top for one sample: more layers at full depth
-        extra = (n_full_layers - full_layer) - (n - cut_layer)
-        edit_above += extra * per_token * probe["edit_tokens"]
-        state = 0        # master and original copies are measured in the edit phase already
-    if "eval_memory" in res:
-        est["eval_1000"] = built.full_parameter_bytes + max(edit_above, res["eval_memory"]["above_start"]) + state
+        cap = res["repository_capacity"]
+        while cap < n_edits:
+            cap *= 2
+        growth = max(growth, res["bytes_per_expert"] * cap - sb[-1])
+    return int(growth)
+
+
+def estimates(entry: dict, res: dict, batch_size: int, n_edits: int = EVAL_EDITS) -> dict:
+    """What a user needs at the published depth, from one editor's figures at the cut depth (``res``)
+    and its backbone's (``entry``: the JSON this script writes; README, "Real-size backbones"):
+
+    - ``train``: parameter bytes at full depth + the editor's own memory (``setup_memory``: its
+      modules) + what the training phase used above its start (Adam's state, gradients,
+      activations) + the activations of the decoder layers that backpropagate at full depth but not
+      at the cut depth (``full_depth_extra_layers``: the bytes one layer saves per token, ``probe``,
+      times the tokens of the batch); ``train_bs8`` the same at 8 records (activations scale with
+      the batch, gradients and Adam's state do not);
+    - ``eval_1000``: parameter bytes + the editor's own memory + its edited state after ``n_edits``
+      edits (what the edits retained, e.g. FT-L's float32 master copy, plus ``state_growth``, e.g.
+      LiveEdit's 1,000 experts) + the larger transient of one edit (with the extra layers its
+      backpropagation crosses at full depth, e.g. FT-L's) and of the batched evaluation."""
+    P = entry["full_parameter_bytes"]
+    n, n_full = entry["num_layers"], entry["full_layers"]
+    probe = entry["probe"]
+    per_token = probe["bytes_per_token_per_layer"]
+    layer, full_layer = res.get("layer"), res.get("full_layer")
+    own = max(0, res.get("setup_memory", {}).get("retained", 0))
+    est = {"editor_bytes": own}
+    if "train_memory" in res:
+        extra = full_depth_extra_layers(res.get("train_grad_from"), n, n_full, layer, full_layer)
+        fixed = 3 * res["trainable_bytes"]                       # gradients, Adam's two moments
+        act = max(0, res["train_memory"]["above_start"] - fixed) + extra * per_token * probe["train_tokens"]
+        est["train"] = P + own + fixed + act
+        est["train_bs8"] = P + own + fixed + act * 8 / batch_size
+        est["train_per_record"] = act / batch_size
+        est["train_extra_layers"] = extra
+    if "edit_memory" in res and "eval_memory" in res:
+        kept = max(0, res["edit_memory"].get("retained", 0))
+        extra = full_depth_extra_layers(res.get("edit_grad_from"), n, n_full, layer, full_layer)
+        edit_peak = max(0, res["edit_memory"]["above_start"] - kept) + extra * per_token * probe["edit_tokens"]
+        growth = state_growth(res, n_edits)
+        est["edit_extra_layers"] = extra
+        est["state_growth"] = growth                             # None: unknown, not included
+        est["state_1000"] = kept + (growth or 0)
+        est["eval_1000"] = P + own + est["state_1000"] + max(edit_peak, res["eval_memory"]["above_start"])
     return est
 
 
@@ -499,13 +592,13 @@ def main(argv=None) -> dict:
                   f"{probe['train_batch_shape']})")
             entry["editors"] = []
             for e in editors:
-                res = run_editor(e, bb, records, a, mem, cuda)
+                res = run_editor(e, bb, records, a, mem, cuda, built.full_layers)
                 for note in res["notes"]:
                     print(f"note: {e}: {note}")
                 if "skipped" in res or "failed" in res:
                     print(f"{e}: {'skipped' if 'skipped' in res else 'FAILED'}: {res.get('skipped', res.get('failed'))}")
                 if "skipped" not in res:
-                    res["estimate"] = estimates(built, res, probe, built.full_layers, a.batch_size)
+                    res["estimate"] = estimates(entry, res, a.batch_size)
                 entry["editors"].append(res)
             print_table(entry)
             report["backbones"].append(entry)
@@ -522,17 +615,20 @@ def main(argv=None) -> dict:
 
 def print_table(entry):
     kind = "GiB"
-    print(f"| editor | train peak {kind} (above start) | train steps/s | s/edit | edit peak {kind} | eval samples/s | "
-          f"eval peak {kind} | at full depth: train (bs 8) / eval @1,000 edits {kind} |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| editor | editor's own {kind} | train peak {kind} (above start) | train steps/s | s/edit | "
+          f"edit peak {kind} (above start) | eval samples/s | eval peak {kind} (above start) | "
+          f"at full depth: train (bs 8) / state @1,000 edits / eval @1,000 edits {kind} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in entry["editors"]:
         if "skipped" in r:
             continue
         tm, em, vm, est = r.get("train_memory"), r.get("edit_memory"), r.get("eval_memory"), r.get("estimate", {})
         fmt = lambda m: "-" if m is None else f"{gib(m['peak'])} ({gib(m['above_start'])})"
-        print(f"| {r['editor']} | {fmt(tm)} | {r.get('train_steps_per_s', float('nan')):.3g} | "
+        own = r.get("setup_memory", {}).get("retained")
+        print(f"| {r['editor']} | {gib(own)} | {fmt(tm)} | {r.get('train_steps_per_s', float('nan')):.3g} | "
               f"{r.get('s_per_edit', float('nan')):.3g} | {fmt(em)} | {r.get('eval_samples_per_s', float('nan')):.3g} | "
-              f"{fmt(vm)} | {gib(est.get('train'))} ({gib(est.get('train_bs8'))}) / {gib(est.get('eval_1000'))} |")
+              f"{fmt(vm)} | {gib(est.get('train'))} ({gib(est.get('train_bs8'))}) / {gib(est.get('state_1000'))} / "
+              f"{gib(est.get('eval_1000'))} |")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,9 @@ def features_from_encoded(model, encoded: torch.Tensor) -> torch.Tensor:
         mask = torch.ones(encoded.shape[:-1], dtype=torch.long, device=encoded.device)
         out = model.qformer(query_embeds=query, encoder_hidden_states=encoded, encoder_attention_mask=mask,
                             return_dict=True).last_hidden_state
-        return model.language_projection(out)
+        # the Q-Former is kept in float32 under a half-precision model: back to the encoder's dtype
+        # before the projection, as get_image_features does
+        return model.language_projection(out.to(encoded.dtype))
     return model.model.multi_modal_projector(encoded)
 
 

@@ -155,6 +155,15 @@ def test_edits_short_of_a_full_buffer_answer_queries(load_tiny, records):
     assert authors.pending is None
 
 
+def test_buffered_edits_are_flushed_from_a_scoring_pass(load_tiny, records):
+    """The evaluation scores under inference mode; a query then trains the provisional expert."""
+    from evaluation.scoring import run_samples
+    ed = make(load_tiny("blip2"), records, max_steps=2)
+    ed.edit(records[0].edit)
+    out = run_samples(ed, [records[0].edit, records[1].image_loc], 2)
+    assert len(out) == 2 and ed.pending is not None
+
+
 def test_router_keys_are_trained_unless_the_authors_flag_is_set(load_tiny, records):
     bb = load_tiny("blip2")
     keys = {}

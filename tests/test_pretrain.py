@@ -142,6 +142,21 @@ def test_cached_encoder_output_and_target_only_loss_are_the_full_path(family, lo
             p.requires_grad_(False)
 
 
+@pytest.mark.parametrize("family", ["blip2", "minigpt4"])
+def test_cached_encoder_path_under_a_half_precision_model_with_a_float32_qformer(family, load_tiny, images):
+    """A bfloat16 BLIP-2 / MiniGPT-4 keeps its Q-Former in float32 (``_keep_in_fp32_modules``, as
+    ``from_pretrained`` loads it): the cached path (FT-M's edits) gives get_image_features' result."""
+    import copy
+    model = copy.deepcopy(load_tiny(family).model).to(torch.bfloat16)
+    model.qformer.float()
+    model.query_tokens.data = model.query_tokens.data.float()
+    pixels = load_tiny(family).pixel_values([open_image(p) for p in images]).to(torch.bfloat16)
+    with torch.no_grad():
+        got = features_from_encoded(model, encode_frozen(model, pixels))
+        want = model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_tokenizer_learns_the_prompt_template(small_world):
     """The Llama families' templates are in the tokenizer's training texts, so they are whole words."""
     from backbones.tiny import train_tokenizer

@@ -206,7 +206,13 @@ class LEMoEEditor(BaseEditor):
 
     @torch.inference_mode(False)   # a flush may come from a scoring pass: its tensors must allow autograd
     def _train_expert(self, requests: list[Sample], index: int) -> dict[str, torch.Tensor]:
-        """A new expert (and its router) trained on ``requests``; the existing experts stay frozen."""
+        """A new expert (and its router) trained on ``requests``; the existing experts stay frozen.
+        Out of inference mode from the start (a flush may come from a scoring pass): the expert's
+        parameters and the encoded batch must be ordinary tensors for autograd."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._fit_expert(requests, index)
+
+    def _fit_expert(self, requests: list[Sample], index: int) -> dict[str, torch.Tensor]:
         cfg, bb, below = self.config, self.backbone, self.layer_index - 1
         params = {k: v.requires_grad_(True) for k, v in self.initial_expert(index).items()}
         trained = [p for k, p in params.items() if k != "key" or cfg.train_router_keys]
