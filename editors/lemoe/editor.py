@@ -204,7 +204,6 @@ class LEMoEEditor(BaseEditor):
         return {k: (torch.randn(s, generator=g) * self.config.init_std).to(self.backbone.device)
                 for k, s in self.shapes.items()}
 
-    @torch.inference_mode(False)   # a flush may come from a scoring pass: its tensors must allow autograd
     def _train_expert(self, requests: list[Sample], index: int) -> dict[str, torch.Tensor]:
         """A new expert (and its router) trained on ``requests``; the existing experts stay frozen.
         Out of inference mode from the start (a flush may come from a scoring pass): the expert's
