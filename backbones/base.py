@@ -9,6 +9,8 @@ Family wrappers (``blip2.py``, ``llava.py``, ``minigpt4.py``) only say how a pro
 how images become embeddings, and which decoder stack (``stacks.py``) the LLM is.
 """
 import functools
+import os
+from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
 
@@ -51,6 +53,61 @@ class VLBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+class ImageFeatureCache:
+    """Image features (what ``image_features`` gives, in the LLM's input space) by image file (path,
+    modification time and size), for passes that need no gradient: an evaluation encodes each image
+    many times (before the edits, at every point of a stream, and for each edit), and on a tiny
+    backbone opening, preprocessing and encoding an image costs about three times the language
+    model's forward on its sample.
+
+    Entries are valid for one state of the vision-side weights (vision encoder + connector): that
+    state is keyed by each parameter's storage and in-place version counter, so an editor that
+    changes them in place (FT-M writes its connector with ``copy_``) empties the cache on the next
+    lookup. (Assigning ``param.data`` is not seen: editors must not.) Least recently used entries
+    leave first, beyond ``max_bytes`` (0: no caching)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.weights_key = None
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def check(self, weights_key) -> None:
+        if weights_key != self.weights_key:
+            self.clear()
+            self.weights_key = weights_key
+
+    def get(self, key: tuple):
+        t = self.entries.get(key)
+        if t is not None:
+            self.entries.move_to_end(key)
+        return t
+
+    def put(self, key: tuple, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes:
+            return
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.numel() * old.element_size()
+        self.entries[key] = features
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, t = self.entries.popitem(last=False)
+            self.bytes -= t.numel() * t.element_size()
+
+
+def image_file_key(path: str) -> tuple:
+    """What identifies an image file's content cheaply: its path, modification time and size."""
+    st = os.stat(path)
+    return (path, st.st_mtime_ns, st.st_size)
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -66,6 +123,9 @@ class VLBackbone:
     family = "base"
     image_token = "<image>"
     fingerprint = None   # digest of the weights (backbones/fingerprint.py), set by load_backbone
+    image_cache_bytes = 512 * 2 ** 20   # ImageFeatureCache budget (test_vllm_edit.py --image_cache_mb)
+    decode_with_cache = True            # editors may decode with the key/value cache (False: --decode_all)
+    image_batch = 64                    # images encoded per call when filling the image cache
 
     def __init__(self, name: str, model, processor, stack: DecoderStack, n_vision_tokens: int):
         self.name = name
@@ -81,6 +141,7 @@ class VLBackbone:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.image_cache = ImageFeatureCache(self.image_cache_bytes)
 
     # ---- family hooks -------------------------------------------------------------------------
     def prompt_text(self, prompt: str, has_image: bool) -> str:
@@ -126,6 +187,10 @@ class VLBackbone:
         input space (BLIP-2 / MiniGPT-4: Q-Former, query tokens, projection; LLaVA: the projector)."""
         raise NotImplementedError
 
+    def vision_side_parameters(self) -> list[torch.nn.Parameter]:
+        """Every weight ``image_features`` reads: the vision encoder's and the connector's."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         """Where batches are built: the input embeddings' device (of a split model: its first one)."""
@@ -163,13 +228,43 @@ class VLBackbone:
             raise ValueError(f"target {target!r} adds no token after prompt {prompt!r}")
         return tuple(prefix + full), len(prefix) + n
 
+    def warm_image_cache(self, paths: Sequence[str]) -> None:
+        """Encode the images of ``paths`` that the cache lacks, in groups (what a scoring pass will
+        ask for, one small batch at a time). No-op while autograd records or with the cache off."""
+        if paths and not torch.is_grad_enabled() and self.image_cache.max_bytes > 0:
+            self.images_features(list(dict.fromkeys(paths)))
+
+    def images_features(self, paths: Sequence[str]) -> torch.Tensor | None:
+        """[N, n_vision_tokens, D] features of the images at ``paths`` (opened here). Without autograd
+        they come from ``image_cache`` (each missing image encoded once); with autograd on (an editor
+        training through the connector), they are computed, in one batch."""
+        if not paths:
+            return None
+        cache = self.image_cache
+        if torch.is_grad_enabled() or cache.max_bytes <= 0:
+            return self.image_features(self.pixel_values([open_image(p) for p in paths]))
+        cache.check(tuple((p.data_ptr(), p._version) for p in self.vision_side_parameters()))
+        keys = {p: image_file_key(p) for p in paths}       # a file rewritten in place is a new image
+        missing = [p for p in keys if cache.get(keys[p]) is None]
+        fresh = {}
+        # Missing images are encoded together, in groups of ``image_batch`` (one at a time, the
+        # tiny encoders spend most of their time in Python). Made outside inference mode, so that
+        # edits, which run outside it, can use them too.
+        with torch.inference_mode(False), torch.no_grad():
+            for i in range(0, len(missing), self.image_batch):
+                group = missing[i:i + self.image_batch]
+                for p, f in zip(group, self.image_features(self.pixel_values([open_image(p) for p in group]))):
+                    fresh[p] = f
+                    cache.put(keys[p], f)
+        cache.hits += len(paths) - len(missing)
+        cache.misses += len(missing)
+        return torch.stack([fresh[p] if p in fresh else cache.get(keys[p]) for p in paths])
+
     def encode(self, samples: Sequence[Sample], with_targets: bool = True) -> VLBatch:
         """Encode samples into one right-padded batch (images opened here, lazily)."""
         rows = [self.tokenize(s.prompt, s.image is not None, s.target if with_targets else None)
                 for s in samples]
-        paths = [s.image for s in samples if s.image is not None]
-        pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
-        return self.collate(samples, rows, pixels)
+        return self.collate(samples, rows, image_features=self.images_features([s.image for s in samples if s.image is not None]))
 
     def encode_continuations(self, samples: Sequence[Sample], continuations: Sequence[Sequence[int]]) -> VLBatch:
         """Each sample's generation context (what ``generate`` starts from) followed by the given
@@ -179,9 +274,7 @@ class VLBackbone:
         for s, cont in zip(samples, continuations):
             ctx, n = self.tokenize(s.prompt, s.image is not None, None)
             rows.append((tuple(ctx) + tuple(cont), n))
-        paths = [s.image for s in samples if s.image is not None]
-        pixels = self.pixel_values([open_image(p) for p in paths]) if paths else None
-        return self.collate(samples, rows, pixels)
+        return self.collate(samples, rows, image_features=self.images_features([s.image for s in samples if s.image is not None]))
 
     def collate(self, samples: Sequence[Sample], rows, pixel_values=None, image_features=None) -> VLBatch:
         """Pad tokenized ``rows`` (from ``tokenize``) into a batch and insert the image features of
@@ -226,19 +319,23 @@ class VLBackbone:
                        target_range.to(self.device))
 
     # ---- running the LLM ----------------------------------------------------------------------
-    def _run(self, batch: VLBatch, start: int, stop: int, hidden=None, layer_edits=None):
+    def _run(self, batch: VLBatch, start: int, stop: int, hidden=None, layer_edits=None, cache=None):
         """Run decoder layers ``start..stop-1`` from ``hidden`` (the output of layer ``start-1``, or
         the input embeddings when ``start`` is 0), applying the ``layer_edits`` of each layer's
         named sites (``backbones/sites.py``). Each layer runs on its own device
-        (``backbones/devices.py``); its edits get the tensor and the batch on that device."""
+        (``backbones/devices.py``); its edits get the tensor and the batch on that device. With
+        ``cache`` (a transformers ``Cache``), the layers also store their keys and values in it."""
         dev = self.device   # where the embeddings (and the stack's position modules) are
-        h0, kwargs = self.stack.prepare(batch.inputs_embeds.to(dev), batch.attention_mask.to(dev))
-        h, kwargs = (h0 if hidden is None else hidden), PerDevice(kwargs)
-        per_layer = edits_by_layer(layer_edits)
+        h0, kwargs = self.stack.prepare(batch.inputs_embeds.to(dev), batch.attention_mask.to(dev), cache=cache)
+        return self._layers(h0 if hidden is None else hidden, kwargs, start, stop, layer_edits, batch)
+
+    def _layers(self, h, kwargs: dict, start: int, stop: int, layer_edits, batch: VLBatch | None):
+        kwargs, per_layer = PerDevice(kwargs), edits_by_layer(layer_edits)
         for i in range(start, stop):
             dev = module_device(self.stack.layers[i])
             edits = per_layer.get(i, {})
-            h = self.stack.run_layer(i, h.to(dev), kwargs.on(dev), edits, batch.to(dev) if edits else batch)
+            h = self.stack.run_layer(i, h.to(dev), kwargs.on(dev), edits,
+                                     batch.to(dev) if edits and batch is not None else batch)
         return h
 
     def logits(self, batch: VLBatch, layer_edits: dict[int, LayerEdit] | None = None) -> torch.Tensor:
@@ -264,8 +361,18 @@ class VLBackbone:
 
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], max_new_tokens: int,
-                 layer_edits: dict[int, LayerEdit] | None = None) -> list[list[int]]:
-        """Greedy decoding (full forward per step, right-padded batch); stops at EOS per sample."""
+                 layer_edits: dict[int, LayerEdit] | None = None,
+                 decoding_edits: dict[int, LayerEdit] | None = None) -> list[list[int]]:
+        """Greedy decoding of a right-padded batch; stops at EOS per sample. Two ways, the same tokens:
+
+        - with ``decoding_edits`` (``{}`` for the unedited model): the prompt runs once and each new
+          token then runs alone against the layers' key / value cache. A decoding edit is called once
+          on the prompt (with its batch) and then once per new token (``batch`` None, a [B, 1, D]
+          tensor), so it must act on a position from the prompt and that position alone
+          (``BaseEditor.decoding_edits``);
+        - otherwise: a full forward with ``layer_edits`` per new token."""
+        if decoding_edits is not None:
+            return self._generate_cached(samples, max_new_tokens, decoding_edits)
         batch = self.encode(samples, with_targets=False)
         B, L, D = batch.inputs_embeds.shape
         grow = lambda t, v: torch.cat([t, t.new_full((B, max_new_tokens) + t.shape[2:], v)], 1)
@@ -289,6 +396,32 @@ class VLBackbone:
             batch.input_ids[idx, lengths[idx]] = nxt[idx]
             batch.inputs_embeds[idx, lengths[idx]] = embed(nxt[idx]).to(batch.inputs_embeds.dtype)
             batch.attention_mask[idx, lengths[idx]] = 1
+        return out
+
+    def _generate_cached(self, samples, max_new_tokens: int, decoding_edits) -> list[list[int]]:
+        from transformers import DynamicCache
+        batch = self.encode(samples, with_targets=False)
+        B = batch.input_ids.shape[0]
+        lengths, rows = batch.lengths, torch.arange(B, device=self.device)
+        cache = DynamicCache()
+        logits = self.stack.head(self._run(batch, 0, self.num_layers, layer_edits=decoding_edits, cache=cache))
+        last = logits[rows.to(logits.device), (lengths - 1).to(logits.device)]
+        mask, embed = batch.attention_mask, self.model.get_input_embeddings()
+        out = [[] for _ in range(B)]
+        alive = torch.ones(B, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            nxt = last.argmax(-1).to(self.device)
+            for b in alive.nonzero().flatten().tolist():
+                out[b].append(int(nxt[b]))
+            alive &= nxt != self.tokenizer.eos_token_id
+            if not alive.any() or step == max_new_tokens - 1:
+                break
+            # every sample appends at the cache's next slot; its padding stays masked, and its
+            # position is its own length + step (what the full forward gives that token)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            h, kwargs = self.stack.prepare(embed(nxt)[:, None].to(batch.inputs_embeds.dtype), mask, cache=cache,
+                                           position_ids=(lengths + step)[:, None])
+            last = self.stack.head(self._layers(h, kwargs, 0, self.num_layers, decoding_edits, None))[:, -1]
         return out
 
     def decode(self, ids: Sequence[int]) -> str:

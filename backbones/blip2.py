@@ -40,5 +40,8 @@ class Blip2Backbone(VLBackbone):
         m = self.model
         return [*m.qformer.parameters(), m.query_tokens, *m.language_projection.parameters()]
 
+    def vision_side_parameters(self):
+        return [*self.model.vision_model.parameters(), *self.connector_parameters()]
+
     def image_features(self, pixel_values):
         return self.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output

@@ -34,6 +34,9 @@ class LlavaBackbone(VLBackbone):
     def connector_parameters(self):
         return list(self.model.model.multi_modal_projector.parameters())
 
+    def vision_side_parameters(self):
+        return [*self.model.model.vision_tower.parameters(), *self.connector_parameters()]
+
     def image_features(self, pixel_values):
         cfg = self.model.config
         out = self.model.get_image_features(

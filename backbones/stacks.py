@@ -27,9 +27,16 @@ class DecoderStack:
         self.layer_path_template = layer_path_template
         self.hidden_size = hidden_size
 
-    def prepare(self, inputs_embeds, attention_mask):
-        """-> (hidden states entering layer 0, keyword arguments every layer takes)."""
+    def prepare(self, inputs_embeds, attention_mask, cache=None, position_ids=None):
+        """-> (hidden states entering layer 0, keyword arguments every layer takes). With ``cache`` (a
+        transformers ``Cache``), the layers read and extend it: ``inputs_embeds`` are the positions
+        after the cached ones, ``attention_mask`` covers cached and new positions, and
+        ``position_ids`` ([B, new]) are the new positions' (``VLBackbone.generate``)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _cache_kwargs(cache) -> dict:
+        return {} if cache is None else {"past_key_values": cache, "use_cache": True}
 
     def head(self, hidden):
         raise NotImplementedError
@@ -57,14 +64,17 @@ class DecoderStack:
 class OPTStack(DecoderStack):
     """OPT (BLIP-2 OPT-2.7B): learned positions added to the embeddings, final LayerNorm, head."""
 
-    def prepare(self, inputs_embeds, attention_mask):
+    def prepare(self, inputs_embeds, attention_mask, cache=None, position_ids=None):
         d = self.decoder
-        position_ids = (torch.cumsum(attention_mask, 1) * attention_mask - 1).long()
+        if position_ids is None:
+            position_ids = (torch.cumsum(attention_mask, 1) * attention_mask - 1).long()
+        past = 0 if cache is None else cache.get_seq_length()
         causal_mask = create_causal_mask(config=d.config, inputs_embeds=inputs_embeds,
-                                         attention_mask=attention_mask, past_key_values=None)
-        pos = d.embed_positions(attention_mask, 0, position_ids=position_ids)
+                                         attention_mask=attention_mask, past_key_values=cache)
+        pos = d.embed_positions(attention_mask, past, position_ids=position_ids)
         h = d.project_in(inputs_embeds) if d.project_in is not None else inputs_embeds
-        return h + pos.to(h.device), dict(attention_mask=causal_mask, position_ids=position_ids)
+        return h + pos.to(h.device), dict(attention_mask=causal_mask, position_ids=position_ids,
+                                          **self._cache_kwargs(cache))
 
     def head(self, hidden):
         d = self.decoder
@@ -99,16 +109,17 @@ class OPTStack(DecoderStack):
 class LlamaStack(DecoderStack):
     """Llama / Vicuna (LLaVA-1.5, MiniGPT-4): rotary positions, final RMSNorm, head."""
 
-    def prepare(self, inputs_embeds, attention_mask):
+    def prepare(self, inputs_embeds, attention_mask, cache=None, position_ids=None):
         d = self.decoder
-        # Right padding: real tokens sit at 0..len-1, so plain positions match an unpadded run.
-        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        if position_ids is None:
+            # Right padding: real tokens sit at 0..len-1, so plain positions match an unpadded run.
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
         causal_mask = create_causal_mask(config=d.config, inputs_embeds=inputs_embeds,
-                                         attention_mask=attention_mask, past_key_values=None,
+                                         attention_mask=attention_mask, past_key_values=cache,
                                          position_ids=position_ids)
         rotary = d.rotary_emb(inputs_embeds, position_ids=position_ids)
         return inputs_embeds, dict(attention_mask=causal_mask, position_embeddings=rotary,
-                                   position_ids=position_ids)
+                                   position_ids=position_ids, **self._cache_kwargs(cache))
 
     def head(self, hidden):
         return _into(self.lm_head, _into(self.decoder.norm, hidden))

@@ -67,7 +67,19 @@ class BaseEditor:
     def logits(self, batch: VLBatch) -> torch.Tensor:
         return self.backbone.logits(batch, self.layer_edits())
 
+    def decoding_edits(self) -> dict[int, LayerEdit] | None:
+        """The edits for cached greedy decoding (``VLBackbone.generate``), or None when this editor's
+        edits need a full forward per new token. An editor may return edits here only if each acts
+        on a position from what the prompt gave it and that position alone, so that running the
+        prompt once and then each new token alone gives the full forward's result. Default: ``{}``
+        when nothing is edited at inference (the unedited model; editors that change weights in
+        place), else None."""
+        return {} if not self.layer_edits() else None
+
     def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[list[int]]:
+        cached = self.decoding_edits() if self.backbone.decode_with_cache else None
+        if cached is not None:
+            return self.backbone.generate(samples, max_new_tokens, decoding_edits=cached)
         return self.backbone.generate(samples, max_new_tokens, self.layer_edits())
 
     # ---- training (trainable editors) -----------------------------------------------------------

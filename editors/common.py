@@ -94,9 +94,18 @@ def load_state_file(path: Path, owner: dict, names) -> tuple[dict[str, torch.Ten
 # ---- growing memories ---------------------------------------------------------------------------
 class GrowingRows:
     """Named float tensors with one row per entry, preallocated and grown by doubling, so appending
-    is amortised O(1) (never a ``torch.cat`` of the whole pool). ``view(name)`` is the filled part."""
+    is amortised O(1) (never a ``torch.cat`` of the whole pool). ``view(name)`` is the filled part.
+    The one row storage of the editors: GRACE, T-Patcher, LEMoE and WISE use it as is; LiveEdit's
+    expert repository and RECIPE's (and LTE's) memory hold one.
+
+    The capacity is the initial one (a power of two) times a power of two. Storage is allocated with
+    zeros, also when it grows: rows past ``len(self)`` are never read (``view`` stops there), so this
+    changes no result; it keeps spare rows from holding uninitialised memory (possibly NaN) should a
+    later change read the whole store, for a memset per growth of the same order as its copy."""
 
     def __init__(self, shapes: dict[str, tuple], device="cpu", dtype=torch.float32, initial_capacity: int = 16):
+        if initial_capacity < 1 or initial_capacity & (initial_capacity - 1):
+            raise ValueError(f"initial_capacity must be a power of two, got {initial_capacity}")
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.device, self.dtype = torch.device(device), dtype
         self.initial_capacity = initial_capacity
@@ -116,6 +125,7 @@ class GrowingRows:
         return next(iter(self._store.values())).shape[0]
 
     def reserve(self, n: int) -> None:
+        """Room for ``n`` rows: the capacity doubles until it fits (the filled rows are copied)."""
         cap = self.capacity
         if n <= cap:
             return
@@ -128,13 +138,34 @@ class GrowingRows:
 
     def append(self, **rows: torch.Tensor) -> int:
         """Append one entry (a tensor of each named shape); returns its index."""
-        if set(rows) != set(self.shapes):
-            raise ValueError(f"append needs exactly {sorted(self.shapes)}, got {sorted(rows)}")
-        self.reserve(self.size + 1)
-        for k, t in rows.items():
-            self._store[k][self.size] = t.detach().to(self.device, self.dtype).reshape(self.shapes[k])
-        self.size += 1
+        self.extend({k: t[None] for k, t in rows.items()})
         return self.size - 1
+
+    def extend(self, rows: dict[str, torch.Tensor]) -> None:
+        """Append ``n`` entries: ``rows[name]`` is ``[n, *shapes[name]]``, the same ``n`` for all."""
+        n = self._count(rows, "GrowingRows", ValueError)
+        self.reserve(self.size + n)
+        for k, t in rows.items():
+            self._store[k][self.size:self.size + n] = t.detach().to(self.device, self.dtype)
+        self.size += n
+
+    def _count(self, rows: dict[str, torch.Tensor], where, error) -> int:
+        """The row count of ``rows`` (one tensor per name, each ``[n, *shape]``); else ``error``."""
+        if set(rows) != set(self.shapes):
+            raise error(f"{where}: expected tensors {sorted(self.shapes)}, got {sorted(rows)}")
+        for k, t in rows.items():
+            if t.dim() < 1 or tuple(t.shape[1:]) != self.shapes[k]:
+                raise error(f"{where}: {k} has shape {tuple(t.shape)}, expected rows of shape {self.shapes[k]}")
+        counts = {k: t.shape[0] for k, t in rows.items()}
+        if len(set(counts.values())) != 1:
+            raise error(f"{where}: row counts differ: {counts}")
+        return next(iter(counts.values()))
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` rows (storage is kept)."""
+        if not 0 <= n <= self.size:
+            raise ValueError(f"cannot truncate {self.size} rows to {n}")
+        self.size = n
 
     def view(self, name: str) -> torch.Tensor:
         return self._store[name][:self.size]
@@ -144,24 +175,24 @@ class GrowingRows:
             raise IndexError(f"row {i} of {self.size}")
         self._store[name][i] = torch.as_tensor(value, dtype=self.dtype).to(self.device)
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Replace the content by ``tensors`` ([n, *shape] each, same n)."""
-        sizes = {k: tensors[k].shape[0] for k in self.shapes}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"row counts differ: {sizes}")
-        n = next(iter(sizes.values()))
-        for k, s in self.shapes.items():
-            if tuple(tensors[k].shape[1:]) != s:
-                raise UserError(f"edited state: {k} has rows of shape {tuple(tensors[k].shape[1:])}, expected {s}")
-        self.clear()
-        self.reserve(n)
-        for k in self.shapes:
-            self._store[k][:n] = tensors[k].to(self.device, self.dtype)
-        self.size = n
+    def row_bytes(self) -> int:
+        """Bytes of one entry (all names)."""
+        return sum(math.prod(s) * self._store[k].element_size() for k, s in self.shapes.items())
 
     def nbytes(self) -> int:
-        """Bytes of the filled rows."""
-        return sum(self.view(k).numel() * self.view(k).element_size() for k in self.shapes)
+        """Bytes of the filled rows (what the entries hold, not the spare capacity)."""
+        return self.size * self.row_bytes()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The filled rows of every name, on the CPU, contiguous (ready to save)."""
+        return {k: self.view(k).detach().cpu().contiguous() for k in self.shapes}
+
+    def load(self, tensors: dict[str, torch.Tensor], where) -> None:
+        """Replace the content by ``tensors`` (``[n, *shape]`` each, same ``n``); tensors of other
+        names, shapes or row counts are a one-line UserError naming ``where`` (what was read)."""
+        self._count(tensors, where, UserError)
+        self.clear()
+        self.extend(tensors)
 
 
 # ---- a pool of training-split records -----------------------------------------------------------

@@ -29,10 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-ckpt", "--checkpoint", default=None,
                    help="trained editor checkpoint (file or folder); the editor is built from the editor config "
                         "saved with it (config.yaml), else from configs/<editor>/<backbone>.yaml")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="editor config instead of configs/<editor>/<backbone>.yaml (tuning; not with -ckpt, "
+                        "which brings the config it was trained with)")
     p.add_argument("-dn", "--data_name", required=True, help="EVQA, EIC, VLKEB or SYNTH-EVQA/EIC/VLKEB")
-    p.add_argument("--split", default="eval", choices=("eval", "val"),
+    p.add_argument("--split", default="eval", choices=("eval", "val", "eval_large"),
                    help="records to edit and test: eval (report) or val (tune configs on it). Synthetic "
-                        "datasets have a val file; real ones use the last records of their train file")
+                        "datasets have a val file; real ones use the last records of their train file. "
+                        "eval_large: SYNTH-EVQA's 10,000 records for one long stream (generated on first use)")
     p.add_argument("-dsn", "--data_sample_n", type=int, default=None, help="use the first N records of the split")
     p.add_argument("--data_dir", default=None, help="data root (default: data/)")
     p.add_argument("--model_path", default=None, help="backbone folder (default: utils/GLOBAL.py model_path_map)")
@@ -52,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="general-capability VQA set measured before editing and after each chunk / point: "
                         "synth, vqav2, mme, a VQAv2-style JSON or an MME folder (evaluation/general.py)")
     p.add_argument("--general_n", type=int, default=None, help="use the first N questions of --general")
+    p.add_argument("--edit_batch", type=int, default=1,
+                   help="edits applied per call for editors with edit_batch (LiveEdit, RECIPE, LTE): the same "
+                        "state as one at a time; s/edit is then each group's time / its size (default 1)")
+    p.add_argument("--decode_all", action="store_true",
+                   help="decode every sample step by step, a full forward per token, instead of verifying candidate "
+                        "generations by teacher forcing and decoding with the key/value cache: the same generations, "
+                        "slower (scripts/bench_eval.py)")
+    p.add_argument("--image_cache_mb", type=int, default=512,
+                   help="image features kept between scoring passes, in MiB (0: off; backbones/base.py)")
     return p
 
 
@@ -104,6 +117,9 @@ def main(argv=None) -> dict:
     _positive(args.data_sample_n, "-dsn/--data_sample_n")
     _positive(args.eval_batch_size, "--eval_batch_size")
     _positive(args.general_n, "--general_n")
+    _positive(args.edit_batch, "--edit_batch")
+    if args.image_cache_mb < 0:
+        raise UserError(f"--image_cache_mb must be 0 or more, got {args.image_cache_mb}")
     if args.general_n is not None and not args.general:
         raise UserError("--general_n needs --general")
     points = parse_points(args.eval_at) if args.eval_at is not None else None
@@ -138,6 +154,8 @@ def main(argv=None) -> dict:
     backbone_name = resolve_backbone_name(args.edit_model_name)
     spec = get_dataset_spec(args.data_name)
     weights, saved_config, config_source = None, None, None
+    if args.config and args.checkpoint:
+        raise UserError("--config and -ckpt: a checkpoint is evaluated with the config it was trained with")
     if args.checkpoint:
         if not editor_cls.trainable:
             raise UserError(f"editor {args.editor_name!r} is not trainable and takes no checkpoint (-ckpt)")
@@ -150,8 +168,8 @@ def main(argv=None) -> dict:
         config = from_dict(editor_cls.config_class, saved_config, f"{config_source}: editor_config")
         notes.append(f"note: editor config saved with the checkpoint: {config_source}")
     else:
-        config_source = config_path(args.editor_name, backbone_name)
-        config = load_config(editor_cls.config_class, args.editor_name, backbone_name)
+        config_source = Path(args.config) if args.config else config_path(args.editor_name, backbone_name)
+        config = load_config(editor_cls.config_class, args.editor_name, backbone_name, args.config)
         if weights is not None:
             notes.append(f"note: checkpoint {weights} has no saved editor config (config.yaml with editor_config); "
                          f"using {config_source}")
@@ -160,7 +178,10 @@ def main(argv=None) -> dict:
                         f"(--save_edited_state / --load_edited_state)")
     data_dir = Path(args.data_dir) if args.data_dir else DATA_DIR
     split = args.split
-    prepare_dataset(spec.name, data_dir)
+    if split not in spec.splits:   # before anything is generated
+        raise UserError(f"--split {split}: dataset {spec.name} has no such split (splits: {', '.join(spec.splits)})"
+                        + ("; eval_large exists for SYNTH-EVQA only" if split == "eval_large" else ""))
+    prepare_dataset(spec.name, data_dir, split)
     records = load_dataset(spec.name, split, data_dir, limit=args.data_sample_n)
     n = len(records)
     if args.data_sample_n and n < args.data_sample_n:
@@ -224,6 +245,8 @@ def main(argv=None) -> dict:
         resumed = store.has_run()
         torch.manual_seed(args.seed)
         backbone = load_backbone(backbone_name, device, model_path)
+        backbone.image_cache.max_bytes = args.image_cache_mb * 2 ** 20
+        backbone.decode_with_cache = not args.decode_all
         editor = editor_cls(backbone, config)
         if weights is not None:
             load_checkpoint(editor, weights)
@@ -252,8 +275,9 @@ def main(argv=None) -> dict:
                   file=sys.stderr, mininterval=1.0) as progress:
             results = run_protocol(editor, records, stages, store, batch_size=args.eval_batch_size,
                                    load_dir=args.load_edited_state, save_dir=args.save_edited_state,
-                                   progress=progress, after_stage=probe)
-        header = {"run": identity, "mode": mode,
+                                   progress=progress, after_stage=probe, edit_batch=args.edit_batch,
+                                   verify_generations=not args.decode_all)
+        header = {"run": identity, "mode": mode, "edit_batch": args.edit_batch,
                   "scoring": {"default": "teacher-forced token accuracy (percent)",
                               "exact_match": "greedy generation of len(target) tokens equals the target "
                                              "(locality: equals the pre-edit generation), from real generations"}}

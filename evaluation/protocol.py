@@ -91,12 +91,12 @@ def _samples(records, positions):
             + [(p, (PORT, j), s) for p in positions for j, s in enumerate(records[p].portability)])
 
 
-def _outputs(editor, records, positions, batch_size, progress, pre: dict | None = None) -> dict:
+def _outputs(editor, records, positions, batch_size, progress, pre: dict | None = None, verify: bool = True) -> dict:
     """Outputs of the samples of ``positions``; with ``pre`` (the unedited outputs), a locality
     sample's generation is first checked against its unedited generation (see ``run_samples``)."""
     items = _samples(records, positions)
     expected = None if pre is None else [pre[(p, m)].gen if m in LOCALITY else None for p, m, _ in items]
-    outs = run_samples(editor, [s for _, _, s in items], batch_size, progress, expected)
+    outs = run_samples(editor, [s for _, _, s in items], batch_size, progress, expected, verify=verify)
     return {(p, m): o for (p, m, _), o in zip(items, outs)}
 
 
@@ -120,10 +120,34 @@ def _record_entry(editor, record, position, edit_time, pre: dict, post: dict) ->
     return out
 
 
+def apply_edits(editor, requests, edit_batch: int = 1, progress=None) -> list[float]:
+    """Apply ``requests`` in order; returns each edit's seconds. With ``edit_batch`` > 1 and an editor
+    that has ``edit_batch`` (one call for several independent edits, the same state as editing them one
+    at a time), they go in groups of that size, and each edit of a group is given the group's time
+    divided by its size."""
+    times = []
+    batched = edit_batch > 1 and hasattr(editor, "edit_batch")
+    step = edit_batch if batched else 1
+    for start in range(0, len(requests), step):
+        group = requests[start:start + step]
+        t0 = time.perf_counter()
+        if batched:
+            editor.edit_batch(group)
+        else:
+            editor.edit(group[0])
+        times += [(time.perf_counter() - t0) / len(group)] * len(group)
+        if progress is not None:
+            progress.update(len(group))
+    return times
+
+
 def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch_size: int,
-                 load_dir=None, save_dir=None, progress=None, after_stage=None) -> list[dict]:
+                 load_dir=None, save_dir=None, progress=None, after_stage=None, edit_batch: int = 1,
+                 verify_generations: bool = True) -> list[dict]:
     """Run (or finish) ``stages``; returns every stage's result in order. ``records`` are in run order.
     The editor is put in evaluation mode first (no dropout or other train-time randomness).
+    ``edit_batch``: see ``apply_edits``. ``verify_generations`` false decodes every sample step by step
+    (``run_samples``; the same generations, slower: benchmarks).
     ``after_stage(editor, stage) -> dict``, if given, is called on the edited model after each stage's
     tests and its entries are added to the stage's means (e.g. the General score)."""
     editor.eval()
@@ -137,14 +161,13 @@ def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch
             continue
         editor.restore()
         need = sorted({p for s in todo for p in s.test_positions})
-        pre = _outputs(editor, records, need, batch_size, progress)
+        pre = _outputs(editor, records, need, batch_size, progress, verify=verify_generations)
         times: dict[int, float] = {}
         for s in stream:
             if s.name in done:  # finished before an interruption: rebuild the state, keep its timings
                 times.update(zip(s.edit_positions, done[s.name]["edit_times"]))
                 if load_dir is None:
-                    for p in s.edit_positions:
-                        editor.edit(records[p].edit)
+                    apply_edits(editor, [records[p].edit for p in s.edit_positions], edit_batch)
                 continue
             if load_dir is not None:
                 editor.restore()
@@ -158,13 +181,7 @@ def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch
                 if progress is not None:
                     progress.update(len(s.edit_positions))
             else:
-                new_times = []
-                for p in s.edit_positions:
-                    t0 = time.perf_counter()
-                    editor.edit(records[p].edit)
-                    new_times.append(time.perf_counter() - t0)
-                    if progress is not None:
-                        progress.update(1)
+                new_times = apply_edits(editor, [records[p].edit for p in s.edit_positions], edit_batch, progress)
             times.update(zip(s.edit_positions, new_times))
             edited = edited_so_far(s, stages)
             if save_dir is not None:
@@ -174,7 +191,7 @@ def run_protocol(editor, records, stages: list[Stage], store: RunStore, *, batch
                     "editor": editor.name, "backbone": editor.backbone.name,
                     "backbone_fingerprint": editor.backbone.fingerprint, "stage": s.name,
                     "record_indices": [records[p].index for p in edited], "edit_times": [times[p] for p in edited]})
-            post = _outputs(editor, records, s.test_positions, batch_size, progress, pre)
+            post = _outputs(editor, records, s.test_positions, batch_size, progress, pre, verify_generations)
             entries = [_record_entry(editor, records[p], p, times.get(p), pre, post) for p in s.test_positions]
             stream_times = [times[p] for p in edited]
             means = summarise(entries, stream_times)

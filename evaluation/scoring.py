@@ -40,7 +40,7 @@ class Outputs:
 
 @torch.inference_mode()
 def run_samples(editor, samples: Sequence[Sample], batch_size: int, progress=None,
-                expected: Sequence[list[int] | None] | None = None) -> list[Outputs]:
+                expected: Sequence[list[int] | None] | None = None, verify: bool = True) -> list[Outputs]:
     """Teacher-forced predictions and greedy generations of ``samples`` through ``editor``, in batches
     (under inference mode: scoring never needs autograd; edits run outside it). Each sample's outputs
     do not depend on the other samples of its batch (right padding, causal attention): any batch size
@@ -51,8 +51,10 @@ def run_samples(editor, samples: Sequence[Sample], batch_size: int, progress=Non
     generation context followed by c is c at every position (each step sees the same prefix). So a
     sample's generation is first *verified* against a candidate, its target (or ``expected[i]``,
     e.g. the unedited model's generation for a locality sample), in one teacher-forced pass, and
-    decoded step by step only when the candidate is not what greedy decoding gives."""
+    decoded step by step only when the candidate is not what greedy decoding gives. ``verify`` false
+    decodes every sample step by step (the same generations: ``scripts/bench_eval.py`` checks it)."""
     bb = editor.backbone
+    bb.warm_image_cache([s.image for s in samples if s.image is not None])
     out = []
     for start in range(0, len(samples), batch_size):
         part = list(samples[start:start + batch_size])
@@ -70,6 +72,8 @@ def run_samples(editor, samples: Sequence[Sample], batch_size: int, progress=Non
         for i, s in enumerate(part):
             ctx, n = bb.tokenize(s.prompt, s.image is not None, None)
             full, n_tf = bb.tokenize(s.prompt, s.image is not None, s.target)
+            if not verify:
+                continue
             if wanted[i] == targets[i] and full[:n_tf] == ctx[:n]:
                 gens[i] = wanted[i] if preds[i] == wanted[i] else None
             elif wanted[i]:

@@ -138,7 +138,10 @@ def run_seeds(args) -> dict:
     seeds = _parse_seeds(args.seeds)
     editor_cls = EDITORS.get(args.editor_name)
     backbone = resolve_backbone_name(args.edit_model_name)
-    dataset = get_dataset_spec(args.data_name).name
+    spec = get_dataset_spec(args.data_name)
+    dataset = spec.name
+    if args.split not in spec.splits:   # before any training
+        raise UserError(f"--split {args.split}: dataset {dataset} has no such split (splits: {', '.join(spec.splits)})")
     given = dict(_parse_ckpt(c) for c in args.ckpt or [])
     config_path = Path(args.config) if args.config else default_config(args.editor_name, backbone)
     if args.eval_at is None and args.sequential_edit_n is None:

@@ -16,6 +16,16 @@ embedded tiny backbones) built with ``backbones.tiny``, and the editor has its i
 weights; ``--model_path`` loads a backbone folder instead and ``--checkpoint`` trained editor weights.
 Beyond the few real edits, the repository is filled with random experts of the same scale (cheap to
 make; an unrelated edit's expert), so how many are kept depends on the editor's weights.
+
+**Real edits** (``--dataset``): a trained editor on its backbone, e.g.
+
+    python -m scripts.bench_liveedit --backbone tiny-blip2 --checkpoint CKPT --dataset SYNTH-EVQA
+
+Every record of the dataset's train, val and eval splits is edited once (``edit_batch``), and the
+repository is filled to each size by cycling through those real experts (at 100k, each of ~3,500
+distinct experts appears ~29 times); the queries are eval records' unrelated images (M-Loc) and
+rephrased edit images (M-Gen) with their questions, so the kept counts are those of real traffic.
+Without ``--model_path``, an embedded tiny backbone is built first if needed.
 """
 import statistics
 import tempfile
@@ -89,6 +99,32 @@ def fill(editor: LiveEdit, target_size: int, like: dict, gen: torch.Generator, c
     return spent
 
 
+def real_experts(editor: LiveEdit, dataset: str, chunk: int = 64) -> dict:
+    """The experts of one edit per record of ``dataset``'s train, val and eval splits (``edit_batch``),
+    taken out of the repository: {phi, psi, U, V: [n, ...]}."""
+    from vl_datasets import load_dataset
+    records = [r for split in ("train", "val", "eval") for r in load_dataset(dataset, split)]
+    for i in range(0, len(records), chunk):
+        editor.edit_batch([r.edit for r in records[i:i + chunk]])
+    pool = {n: editor.repository.tensor(n).clone() for n in ("phi", "psi", "U", "V")}
+    editor.restore()
+    return pool
+
+
+def fill_real(editor: LiveEdit, target_size: int, pool: dict, chunk: int = 4096) -> float:
+    """Append real experts from ``pool`` (cycling) until the repository holds ``target_size``; returns
+    the wall time spent appending."""
+    repo, spent, n_pool = editor.repository, 0.0, len(pool["phi"])
+    while len(repo) < target_size:
+        n = min(chunk, target_size - len(repo))
+        idx = torch.arange(len(repo), len(repo) + n) % n_pool
+        reqs = [{"prompt": "real edit (repeated)", "target": "x", "image": None}] * n
+        t = time.perf_counter()
+        repo.append(*(pool[k][idx] for k in ("phi", "psi", "U", "V")), reqs)
+        spent += time.perf_counter() - t
+    return spent
+
+
 def one_append_time(editor: LiveEdit, like: dict, gen: torch.Generator) -> float:
     parts = [torch.randn((1,) + t.shape[1:], generator=gen) for t in like.values()]
     t = time.perf_counter()
@@ -109,6 +145,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=10, help="timed repetitions (median reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dataset", default=None,
+                    help="fill the repository with real edits of this dataset and query with its eval records")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,8 +154,12 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.model_path:
+        if args.model_path or args.dataset:
             name = args.backbone or FAMILY_BACKBONE[args.family]
+            if not args.model_path:
+                from synthetic.embedded import prepare_backbone, prepare_dataset
+                prepare_backbone(name)
+                prepare_dataset(args.dataset)
             bb = load_backbone(name, args.device, args.model_path)
         else:
             bb = random_backbone(args.family, tmp)
@@ -125,12 +167,24 @@ def main(argv=None):
         cfg = load_config(LiveEditConfig, "liveedit", bb.name, args.config)
         editor = LiveEdit(bb, cfg)
         if args.checkpoint:
-            from safetensors.torch import load_file
-            editor.load_trainable_state_dict(load_file(args.checkpoint, device=str(bb.device)))
-        samples = make_samples(tmp, 24)
-        single, batch8 = bb.encode(samples[:1], with_targets=False), bb.encode(samples[:8], with_targets=False)
+            from training.checkpoint import load_trained_weights
+            load_trained_weights(editor, args.checkpoint)
+        editor.eval()
+        pool = None
+        if args.dataset:
+            from vl_datasets import load_dataset
+            t = time.perf_counter()
+            pool = real_experts(editor, args.dataset)
+            print(f"{len(pool['phi']):,} real experts (one edit per record of {args.dataset} train/val/eval) "
+                  f"in {time.perf_counter() - t:.1f} s")
+            ev = load_dataset(args.dataset, "eval", limit=24)
+            queries = [r.image_loc for r in ev[:4]] + [r.image_rephrase for r in ev[:4]]   # real traffic
+            requests = [r.edit for r in ev]
+        else:
+            queries = requests = make_samples(tmp, 24)
+        single, batch8 = bb.encode(queries[:1], with_targets=False), bb.encode(queries[:8], with_targets=False)
 
-        print(f"backbone {bb.name} ({'loaded' if args.model_path else 'random tiny'}): hidden {bb.hidden_size}, "
+        print(f"backbone {bb.name} ({'loaded' if args.model_path or args.dataset else 'random tiny'}): hidden {bb.hidden_size}, "
               f"{bb.num_layers} layers, {bb.n_vision_tokens} vision tokens; LiveEdit l_e={cfg.edit_layer} "
               f"d_m={cfg.d_m} heads={cfg.heads} r={cfg.rank} k={cfg.n_queries}; "
               f"weights {'trained' if args.checkpoint else 'initial (untrained)'}; "
@@ -155,17 +209,17 @@ def main(argv=None):
         gen = torch.Generator().manual_seed(0)
         appends = []
         t = time.perf_counter()
-        editor.edit(samples[0])
+        editor.edit(requests[0])
         appends.append(("1st", time.perf_counter() - t, None))
-        for s in samples[1:16]:        # real experts: the scale of the random fillers
+        for s in requests[1:16]:        # real experts: the scale of the random fillers
             editor.edit(s)
         like = {n: editor.repository.tensor(n).clone() for n in ("phi", "psi", "U", "V")}
         fill_time = 0.0
         for size in sizes:
-            fill_time += fill(editor, size - 1, like, gen)
+            fill_time += fill_real(editor, size - 1, pool) if pool else fill(editor, size - 1, like, gen)
             before = len(editor.repository)
             t = time.perf_counter()
-            editor.edit(samples[16 + len(appends) % 8])
+            editor.edit(requests[16 + len(appends) % 8])
             full = time.perf_counter() - t
             raws = []
             for _ in range(5):                              # the append alone, at the same size

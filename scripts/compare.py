@@ -1,16 +1,11 @@
 """Every editor on one backbone and dataset, run the same way, in one table (see evaluation/compare.py).
 
-    python scripts/compare.py -mn tiny-blip2 -dn SYNTH-EVQA --editors all --eval_at 1,10,100,1000 [--seeds 0,1,2]
-    python scripts/compare.py -mn tiny-blip2 -dn SYNTH-EVQA,SYNTH-EIC,SYNTH-VLKEB --update_readme   # make compare
+    python -m scripts.compare -mn tiny-blip2 -dn SYNTH-EVQA --editors all --eval_at 1,10,100,1000 [--seeds 0,1,2]
+    python -m scripts.compare -mn tiny-blip2 -dn SYNTH-EVQA,SYNTH-EIC,SYNTH-VLKEB --update_readme   # make compare
 
 Writes records/compare/<backbone>/<dataset>/{table.md, table.csv, curves.png}.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.errors import cli_main  # noqa: E402
+from utils.errors import cli_main
 
 
 @cli_main

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--eval_at", help="one stream per seed, tested at these edit counts (e.g. 100,1000)")
     p.add_argument("-sen", "--sequential_edit_n", type=int, help="or: chunks of T edits")
-    p.add_argument("--split", default="eval", choices=("eval", "val"), help="evaluation split (tune on val)")
+    p.add_argument("--split", default="eval", choices=("eval", "val", "eval_large"),
+                   help="evaluation split (tune on val; eval_large: SYNTH-EVQA's 10,000 records)")
     p.add_argument("-dsn", "--data_sample_n", type=int, help="first N records of the split")
     p.add_argument("--ckpt", action="append", metavar="SEED=PATH", help="use this checkpoint for SEED (no training)")
     p.add_argument("-bs", "--batch_size", type=int, default=8, help="training batch size (default 8)")

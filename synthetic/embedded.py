@@ -2,8 +2,8 @@
 
 The two main scripts (and the tools in scripts/) call these before loading a dataset or a backbone:
 
-- ``prepare_dataset(name, data_dir)``: a ``SYNTH-*`` dataset's world is generated under
-  ``<data_dir>/synthetic`` unless it is there;
+- ``prepare_dataset(name, data_dir, split)``: a ``SYNTH-*`` dataset's world is generated under
+  ``<data_dir>/synthetic`` unless it is there (and SYNTH-EVQA's ``eval_large`` split when asked for);
 - ``prepare_backbone(name, model_path)``: a tiny backbone is pretrained at its default path
   (``utils/GLOBAL.py``) unless it is there, built from the current world and recipe. An explicit
   ``--model_path`` is never built into: a wrong one is an error when loading, not a pretraining run
@@ -18,11 +18,17 @@ from pathlib import Path
 from utils.GLOBAL import DATA_DIR, model_path_map
 
 
-def prepare_dataset(name: str, data_dir=None) -> None:
-    from vl_datasets import get_dataset_spec
-    if get_dataset_spec(name).synthetic:
+def prepare_dataset(name: str, data_dir=None, split: str | None = None) -> None:
+    """``split`` ``eval_large`` also generates SYNTH-EVQA's large eval split (synthetic/large_eval.py)
+    unless the world has one (of any size: ``python -m synthetic.world --large_eval N`` chooses it)."""
+    from vl_datasets import LARGE_EVAL_SPLIT, get_dataset_spec
+    spec = get_dataset_spec(name)
+    if spec.synthetic:
         from synthetic.world import ensure_world
-        ensure_world(Path(data_dir or DATA_DIR) / "synthetic")
+        world = ensure_world(Path(data_dir or DATA_DIR) / "synthetic")
+        if split == LARGE_EVAL_SPLIT and split in spec.splits:
+            from synthetic import large_eval
+            large_eval.ensure(world)
 
 
 def _same_path(a: Path, b: Path) -> bool:

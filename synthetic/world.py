@@ -143,7 +143,12 @@ entities (of the 720 with reserved signatures), 2 pretraining renders for each o
 entities: 132k pretraining examples (19 MB), 12k held-out examples, 24,936 PNG files (64x64
 RGB, 18,436 distinct renders; 108 MB in all); ~17 s on 2 cores. Each dataset's train and eval
 records use one distinct entity per record. For extra image augmentation while pretraining, :func:`render_entity` with
-``k >= 2 + pretrain_renders`` gives fresh renders that are never dataset images.
+``2 + pretrain_renders <= k < 1000`` gives fresh renders that are never dataset images (k = 1000 is the
+general set's, k >= 2000 the large eval split's).
+
+The large eval split (SYNTH-EVQA ``eval_large``, 10,000 records by default) is not part of the world:
+``--large_eval N`` (or its first use) adds it to a complete world without changing any file of it; see
+:mod:`synthetic.large_eval`.
 """
 
 from __future__ import annotations
@@ -671,6 +676,30 @@ def _render_chunk(args) -> int:
     return len(tasks)
 
 
+def run_render_tasks(worker, tasks: list, seed: int, size: int, workers: int, progress: bool,
+                     desc: str = "render") -> None:
+    """Run ``worker((seed, size, chunk of tasks))`` (a module-level function returning how many tasks
+    it did) over ``tasks``: in ``workers`` spawned processes when > 1, with a progress bar."""
+    chunk = max(1, min(200, math.ceil(len(tasks) / (4 * max(workers, 1)))))
+    chunks = [(seed, size, tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
+    bar = (_tqdm(total=len(tasks), desc=desc, unit="img", file=sys.stderr, mininterval=0.5)
+           if progress and _tqdm is not None and tasks else None)
+    try:
+        if workers > 1 and len(chunks) > 1:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+                for done in ex.map(worker, chunks):
+                    if bar is not None:
+                        bar.update(done)
+        else:
+            for c in chunks:
+                done = worker(c)
+                if bar is not None:
+                    bar.update(done)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -1075,24 +1104,7 @@ def _write_world(root: Path, cfg: WorldConfig, workers: int, progress: bool) -> 
         (root / d).mkdir(parents=True, exist_ok=True)
     tasks = [(astuple_entity(b.ents[i]), k, [str(root / p) for p in renders[(i, k)]])
              for i, k in keys]
-    chunk = max(1, min(200, math.ceil(len(tasks) / (4 * max(workers, 1)))))
-    chunks = [(cfg.seed, cfg.image_size, tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
-    bar = (_tqdm(total=len(tasks), desc="render", unit="img", file=sys.stderr, mininterval=0.5)
-           if progress and _tqdm is not None else None)
-    try:
-        if workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
-                for done in ex.map(_render_chunk, chunks):
-                    if bar is not None:
-                        bar.update(done)
-        else:
-            for c in chunks:
-                done = _render_chunk(c)
-                if bar is not None:
-                    bar.update(done)
-    finally:
-        if bar is not None:
-            bar.close()
+    run_render_tasks(_render_chunk, tasks, cfg.seed, cfg.image_size, workers, progress)
 
     for name, recs in datasets.items():
         _dump_records(root / DATASET_FILES[name][0], recs)
@@ -1300,6 +1312,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="entities per colour signature (shape colour, background, frame)")
     p.add_argument("--n_general", type=int, default=d.n_general,
                    help="questions of the general-capability VQA set")
+    p.add_argument("--large_eval", type=int, default=0, metavar="N",
+                   help="also write SYNTH-EVQA's large eval split of N records (split eval_large, e.g. 10000; "
+                        "an addition that changes no file of the world: synthetic/large_eval.py)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes")
     p.add_argument("--force", action="store_true", help="regenerate even if the world is complete")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -1315,13 +1330,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg.validate()
-        if not a.force and is_complete(a.out, cfg):
-            print(f"synthetic world already complete in {Path(a.out).absolute()}; nothing to do")
-            return 0
-        out = generate_world(a.out, cfg, workers=a.workers, progress=not a.quiet)
+        if a.large_eval < 0:
+            raise ValueError(f"--large_eval must be a positive number of records (0: none), got {a.large_eval}")
+        existed = not a.force and is_complete(a.out, cfg)
+        if existed:
+            print(f"synthetic world already complete in {Path(a.out).absolute()}"
+                  + ("" if a.large_eval else "; nothing to do"))
+            out = Path(a.out).absolute()
+        else:
+            out = generate_world(a.out, cfg, workers=a.workers, progress=not a.quiet)
+        if a.large_eval:
+            from synthetic import large_eval
+            large_eval.ensure(out, a.large_eval, workers=a.workers, progress=not a.quiet)
+            lm = large_eval.read_manifest(out)
+            print(f"{out / large_eval.RECORDS_FILE}: {lm['records']} records ({lm['distinct_facts']} distinct facts, "
+                  f"{lm['re_edits']} re-edits); {time.perf_counter() - t0:.1f} s")
     except (ValueError, TypeError, FileExistsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if existed:
+        return 0
     m = read_manifest(out)
     counts = ", ".join(f"{k} {v['records']}" for k, v in m["datasets"].items())
     print(f"{out}: {counts}; pretrain {m['pretrain']['train']['examples']} examples, heldout "

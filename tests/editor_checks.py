@@ -117,6 +117,7 @@ def assert_states_reload_in_new_process(cases, tmp_path):
     for i, (editor, requests, samples, model_dir, pool_dir) in enumerate(cases):
         for r in requests:
             editor.edit(r)
+        editor.backbone.image_cache.clear()   # the child's computation: these samples' images encoded together
         expected.append(logits_of(editor, samples))
         editor.save_state(tmp_path / f"state{i}")
         editor.restore()   # they may share one backbone
@@ -131,6 +132,7 @@ def assert_states_reload_in_new_process(cases, tmp_path):
     for i, (editor, requests, samples, *_) in enumerate(cases):
         assert torch.equal(load_file(jobs[i]["out"])["logits"], expected[i]), editor.name
         editor.load_state(tmp_path / f"state{i}")
+        editor.backbone.image_cache.clear()
         assert editor.n_edits == len(requests) and torch.equal(logits_of(editor, samples), expected[i])
         editor.restore()
         with pytest.raises(UserError, match="no edited state"):

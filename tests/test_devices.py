@@ -46,7 +46,8 @@ def liveedit(bb):
 
 
 def run_everything(bb, recs):
-    """One LiveEdit training step, two edits, a batched evaluation; one FT-L edit and restore."""
+    """One LiveEdit training step, two edits, a batched evaluation and generations; one FT-L edit and
+    restore."""
     out = {}
     samples = [s for r in recs for s in r.samples().values()]
     out["logits"] = bb.logits(bb.encode(samples)).detach()
@@ -63,6 +64,8 @@ def run_everything(bb, recs):
         ed.edit(r.edit)
     out["edited_logits"] = ed.logits(bb.encode(samples)).detach()
     out["eval"] = [(o.target, o.tf, o.gen) for o in run_samples(ed, samples, batch_size=4)]
+    with torch.no_grad():   # greedy decoding both ways: key/value cache (LiveEdit's decoding edits), full forwards
+        out["generated"] = [ed.generate(samples, 3), bb.generate(samples, 3, ed.layer_edits())]
     ft = FTLEditor(bb, FTLConfig(layer=1, steps=3, lr=1e-2, early_stop_loss=0.0, norm_constraint=None))
     ft.edit(recs[0].edit)
     out["ft_weight"] = ft.weight.detach().clone()
@@ -118,6 +121,7 @@ def test_split_model_trains_edits_and_evaluates_like_one_device(family, load_tin
         assert got["ft_weight"].device == D2
         assert got["logits"].device == (D1 if family == "blip2" else D3)      # the LM head's device
     assert_same(ref, got)
+    assert got["generated"][0] == got["generated"][1]
     torch.testing.assert_close(got["restored"], ref["logits"], rtol=0, atol=0)
 
 

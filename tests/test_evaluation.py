@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from editors import EDITORS
 from editors.none import NoneEditor
@@ -261,7 +262,6 @@ def test_cli_exit_code_two_on_bad_input(tiny_dirs, data_dir, tmp_path):
 def test_checkpoint_is_evaluated_with_its_saved_editor_config(tiny_dirs, data_dir, tmp_path, capsys):
     """LiveEdit trained with --config (edit_layer 1, d_m 32) is evaluated with that config, not with
     configs/liveedit/tiny-blip2.yaml (edit_layer 4: out of range for this 4-layer backbone)."""
-    import yaml
 
     import train_vllm_editor
     from utils.config import config_path
@@ -341,3 +341,14 @@ def test_val_split_names_the_run_folder(tiny_dirs, tmp_path):
     assert out["means"]["total"]["n_records"] == 2
     with pytest.raises(UserError, match="too few for a val slice"):
         main(argv(tiny_dirs, write_evqa(tmp_path / "small", n=5), tmp_path / "rec2", "--split", "val"))
+
+
+def test_config_flag_replaces_the_shipped_yaml(tiny_dirs, data_dir, tmp_path, capsys):
+    """--config: the editor is built from the given YAML (what tuning on val needs), and the run
+    records that config and where it came from."""
+    cfg = tmp_path / "ftl.yaml"
+    cfg.write_text("layer: 1\nsteps: 1\nlr: 1.0e-3\nearly_stop_loss: 0.0\nnorm_constraint: 0.5\n")
+    out = main(argv(tiny_dirs, data_dir, tmp_path / "rec", "--config", str(cfg), editor="ft-l"))
+    saved = yaml.safe_load((out["run_dir"] / "config.yaml").read_text())
+    assert saved["editor_config"] == {"layer": 1, "steps": 1, "lr": 1e-3, "early_stop_loss": 0.0, "norm_constraint": 0.5}
+    assert saved["editor_config_source"] == str(cfg.resolve())

@@ -43,7 +43,7 @@ def test_configs_load_strictly_for_every_backbone(backbone):
     assert load_config(NoneConfig, "none", backbone) == NoneConfig()
     cfg = load_config(FTLConfig, "ft-l", backbone)
     assert isinstance(cfg, FTLConfig) and cfg.steps >= 1 and cfg.lr > 0
-    assert cfg.layer == (2 if backbone.startswith("tiny") else 21)
+    assert cfg.layer == (-2 if backbone.startswith("tiny") else 21)   # tiny: the val choice (layer 4 of 6)
 
 
 def test_unknown_config_key_is_named(tmp_path):

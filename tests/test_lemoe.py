@@ -128,6 +128,7 @@ def test_edits_short_of_a_full_buffer_answer_queries(load_tiny, records):
         ed.edit(r.edit)
     assert len(ed.experts) == 1 and len(ed.buffer) == 1 and ed.pending is None
     assert rel(ed, records[2].edit) == 1.0 and ed.pending is not None
+    third_pending = {k: v.clone() for k, v in ed.pending.items()}
     assert ed.state_bytes() == 2 * ed.experts.row_bytes()
     ed.edit(records[3].edit)           # fills the buffer: the provisional expert is replaced
     quiet = make(bb, records)          # the same four edits, never queried in between
@@ -135,6 +136,14 @@ def test_edits_short_of_a_full_buffer_answer_queries(load_tiny, records):
         quiet.edit(r.edit)
     assert len(ed.experts) == 2 and not ed.buffer and ed.pending is None
     assert all(torch.equal(ed.experts.view(k), quiet.experts.view(k)) for k in ed.shapes)
+
+    # the evaluation's scoring pass runs under inference mode: a flush from there trains the same expert
+    scored = make(bb, records)
+    for r in records[:3]:
+        scored.edit(r.edit)
+    with torch.inference_mode():
+        scored.logits(bb.encode(mixed(records)))
+    assert all(torch.equal(scored.pending[k], ed_pending) for k, ed_pending in third_pending.items())
 
     authors = make(bb, records, flush_before_query=False)
     committed_only = make(bb, records)

@@ -222,7 +222,7 @@ def test_repository_grows_by_doubling_and_keeps_its_contents():
     appended, growths = [], 0
     sizes = [1] * 40 + [3, 7, 1, 16, 33, 1, 100, 2]
     for seed, n in enumerate(sizes):
-        cap_before, ptr_before = repo.capacity, repo._store["U"].data_ptr()
+        cap_before, ptr_before = repo.capacity, repo.tensor("U").untyped_storage().data_ptr()
         chunk = random_experts(n, seed=seed)
         repo.append(*chunk)
         appended.append(chunk)
@@ -230,7 +230,7 @@ def test_repository_grows_by_doubling_and_keeps_its_contents():
         assert cap >= len(repo) and cap % 4 == 0 and (cap // 4) & (cap // 4 - 1) == 0   # 4 * 2^j
         assert cap < 2 * len(repo) or cap == 4                                           # tight
         if cap == cap_before:                          # no reallocation while there is room
-            assert repo._store["U"].data_ptr() == ptr_before
+            assert repo.tensor("U").untyped_storage().data_ptr() == ptr_before
         else:
             growths += 1
     total = sum(sizes)
@@ -295,6 +295,7 @@ def test_saved_repository_reloads_in_a_new_process(load_tiny, tiny_dirs, images,
     for r in requests(images):
         ed.edit(r)
     samples = queries(images)
+    bb.image_cache.clear()   # the child's computation: these samples' images encoded together
     expected = logits_of(ed, samples)
     assert not torch.equal(expected, logits_of(LiveEdit(bb, make_config(seed=5)), samples))
     save_file(ed.trainable_state_dict(), str(tmp_path / "weights.safetensors"))
@@ -534,3 +535,25 @@ def test_target_identity_probe(load_tiny, images):
     start, end = batch.target_range[0].tolist()
     expected = torch.nn.functional.layer_norm(h[0, start:end].mean(0), (bb.hidden_size,))
     assert torch.allclose(states[1][0], expected, atol=1e-5)
+
+
+def test_cached_decoding_generates_what_full_forwards_do(trained, training_records):
+    """Generation with the key/value cache (routing once from the prompt, the residual on each new
+    token) gives the tokens of a full forward per step, for routed and unrouted samples alike."""
+    ed, _ = trained
+    for r in training_records:
+        ed.edit(r.edit)
+    try:
+        bb = ed.backbone
+        samples = ([r.edit for r in training_records] + [r.image_rephrase for r in training_records]
+                   + [r.image_loc for r in training_records] + [training_records[0].text_loc])
+        with torch.no_grad():
+            batch = bb.encode(samples, with_targets=False)
+            assert ed._routing(bb.hidden_at(batch, LAYER), batch) is not None      # the edits do act
+            full = bb.generate(samples, 4, ed.layer_edits())
+            assert ed.decoding_edits() and ed.generate(samples, 4) == full
+            unedited = bb.generate(samples, 4)
+        assert full != unedited
+    finally:
+        ed.restore()
+    assert ed.decoding_edits() == {}

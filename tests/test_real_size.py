@@ -122,15 +122,33 @@ def test_state_that_grows_per_edit_is_extrapolated_and_unknown_state_is_said():
     assert real_size.state_growth({"state_bytes": [None] * 10}, 1000) is None
 
 
+MEMORY_CHILD = """
+import json, torch
+from scripts import real_size
+real_size.return_freed_memory()
+MiB = 2 ** 20
+mem = real_size.Memory(cuda=False)
+mem.start()
+kept = torch.ones(64 * MiB, dtype=torch.uint8)           # large: glibc maps it, frees it to the OS
+gone = torch.ones(64 * MiB, dtype=torch.uint8)
+del gone
+print(json.dumps(mem.stop()))
+"""
+
+
 def test_memory_phase_reports_what_it_retained():
-    mem = real_size.Memory(cuda=False)
-    mem.start()
-    kept = torch.ones(64 * MiB, dtype=torch.uint8)           # large: glibc maps it, frees it to the OS
-    gone = torch.ones(64 * MiB, dtype=torch.uint8)
-    del gone
-    m = mem.stop()
+    # in a fresh process: the resident set of the test process moves with what earlier tests freed
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True, cwd=root,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(m["retained"] - 64 * MiB) < 16 * MiB and m["above_start"] >= m["retained"] - 16 * MiB
-    del kept
 
 
 def test_gradient_reach_finds_where_backpropagation_starts(load_tiny, tmp_path):

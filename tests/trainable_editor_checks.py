@@ -121,6 +121,7 @@ CHILD = textwrap.dedent("""
 def check_state_reloads_in_new_process(ed, model_dir, samples, tmp_path: Path) -> torch.Tensor:
     """Save the edited state; a fresh process loading the backbone from ``model_dir`` and the same
     trained weights loads it and gets identical logits."""
+    ed.backbone.image_cache.clear()   # the child's computation: these samples' images encoded together
     with torch.no_grad():
         expected = ed.logits(ed.backbone.encode(samples))
     save_file(ed.trainable_state_dict(), str(tmp_path / "weights.safetensors"))

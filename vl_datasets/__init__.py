@@ -24,11 +24,14 @@ _LAYOUTS = {
 REAL_VAL_SLICE = 500
 _SYNTH_VAL = {"EVQA": "easy-edit-mm/vqa/vqa_val.json", "EIC": "easy-edit-mm/caption/caption_val_edit.json",
               "VLKEB": "VLKEB/val.json"}
+# SYNTH-EVQA's large eval split (10,000 records for one long edit stream; synthetic/large_eval.py writes it)
+LARGE_EVAL_SPLIT = "eval_large"
+_SYNTH_LARGE = {"EVQA": {LARGE_EVAL_SPLIT: "easy-edit-mm/vqa/vqa_eval_large.json"}}
 for _name, _layout in _LAYOUTS.items():
     DATASETS.register(_name, DatasetSpec(name=_name, val_slice=REAL_VAL_SLICE, **_layout))
     # The synthetic twin has the same layout under <data_dir>/synthetic, plus a val file of its own
-    # (entities disjoint from train and eval).
-    _files = {**_layout["files"], "val": _SYNTH_VAL[_name]}
+    # (entities disjoint from train and eval), and SYNTH-EVQA a large eval split.
+    _files = {**_layout["files"], "val": _SYNTH_VAL[_name], **_SYNTH_LARGE.get(_name, {})}
     _synth = {**_layout, "files": {k: f"synthetic/{v}" for k, v in _files.items()},
               "image_root": f"synthetic/{_layout['image_root']}"}
     DATASETS.register(f"SYNTH-{_name}", DatasetSpec(name=f"SYNTH-{_name}", synthetic=True, **_synth))
@@ -48,7 +51,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 
 def load_dataset(name: str, split: str, data_dir=None, limit: int | None = None,
                  include_val_slice: bool = False, verify_images: bool = True) -> list[EditRecord]:
-    """Load ``split`` ('train', 'val' or 'eval') of dataset ``name`` (``include_val_slice``,
+    """Load ``split`` ('train', 'val', 'eval'; SYNTH-EVQA also 'eval_large') of dataset ``name`` (``include_val_slice``,
     ``verify_images``: see ``load_records``). A synthetic dataset must have been generated: the scripts first call
     ``synthetic.embedded.prepare_dataset``, which generates the world on first use."""
     spec = get_dataset_spec(name)
@@ -56,4 +59,4 @@ def load_dataset(name: str, split: str, data_dir=None, limit: int | None = None,
     return load_records(spec, data_dir, split, limit, include_val_slice, verify_images)
 
 
-__all__ = ["DATASETS", "REAL_VAL_SLICE", "EditRecord", "Sample", "get_dataset_spec", "load_dataset", "open_image"]
+__all__ = ["DATASETS", "LARGE_EVAL_SPLIT", "REAL_VAL_SLICE", "EditRecord", "Sample", "get_dataset_spec", "load_dataset", "open_image"]

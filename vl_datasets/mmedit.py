@@ -118,8 +118,11 @@ def load_records(spec: DatasetSpec, data_dir, split: str, limit: int | None = No
     once, so a bad one is found before a run writes anything."""
     path = spec.split_file(data_dir, split)
     if not path.is_file():
-        hint = (" (generate the synthetic world with `python -m synthetic.world`; the main scripts do it on "
-                "first use)" if spec.synthetic else "")
+        hint = ""
+        if spec.synthetic:
+            large = " --large_eval 10000" if split == "eval_large" else ""
+            hint = (f" (generate it with `python -m synthetic.world{large}`; the main scripts do it on "
+                    f"first use)")
         raise UserError(f"dataset {spec.name}: annotation file missing: {path}{hint}")
     raw = read_json(path, f"dataset {spec.name}: annotation file")
     if not isinstance(raw, list):

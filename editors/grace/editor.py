@@ -255,7 +255,7 @@ class GraceEditor(BaseEditor):
         labels = json.loads(meta.get("labels", "[]"))
         if len(labels) != tensors["key"].shape[0]:
             raise UserError(f"edited state {directory}: {len(labels)} labels for {tensors['key'].shape[0]} keys")
-        self.book.load(tensors)
+        self.book.load(tensors, f"edited state {directory}")
         self.labels = labels
         self.last_query_position = int(meta.get("last_query_position", 0))
         self.eps_init = float(meta.get("eps_init", self.eps_init))

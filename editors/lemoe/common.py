@@ -2,7 +2,6 @@
 
 - ``query_mask`` / ``query_mean``: the positions a routing decision may read (image + prompt, never the
   teacher-forced target, never padding) and a masked mean over them;
-- ``GrowingStack``: preallocated per-row storage that doubles when full (appending is amortised O(1));
 - ``IrrelevantPool``: unrelated samples (the locality samples of a dataset's *train* split) for the
   terms that teach an edit to stay off unrelated inputs; never evaluation or validation records;
 - ``save_edited_state`` / ``load_edited_state``: an edited state as one safetensors file plus one JSON
@@ -37,86 +36,6 @@ def query_mean(x: torch.Tensor, batch: VLBatch) -> torch.Tensor:
     m = query_mask(batch, x.shape[1]).to(x.dtype)
     m = m.reshape(m.shape + (1,) * (x.dim() - 2))
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-# ---- growing storage ---------------------------------------------------------------------------
-class GrowingStack:
-    """Named tensors with one row per item, preallocated and grown by doubling (never a ``torch.cat``
-    of the whole pool per append). ``view(name)`` is the filled part."""
-
-    def __init__(self, shapes: dict[str, tuple], device, dtype=torch.float32, initial_capacity: int = 4):
-        self.shapes = {k: tuple(v) for k, v in shapes.items()}
-        self.device, self.dtype = torch.device(device), dtype
-        self.initial_capacity = initial_capacity
-        self.clear()
-
-    def clear(self) -> None:
-        self.size = 0
-        self._store = {k: torch.zeros((self.initial_capacity,) + s, device=self.device, dtype=self.dtype)
-                       for k, s in self.shapes.items()}
-
-    def __len__(self) -> int:
-        return self.size
-
-    @property
-    def capacity(self) -> int:
-        return next(iter(self._store.values())).shape[0]
-
-    def _reserve(self, n: int) -> None:
-        cap = self.capacity
-        if n <= cap:
-            return
-        while cap < n:
-            cap *= 2
-        for k, old in self._store.items():
-            new = torch.zeros((cap,) + old.shape[1:], device=self.device, dtype=self.dtype)
-            new[:self.size] = old[:self.size]
-            self._store[k] = new
-
-    def append(self, rows: dict[str, torch.Tensor]) -> None:
-        """Append one item: ``rows[name]`` has shape ``shapes[name]``."""
-        if set(rows) != set(self.shapes):
-            raise ValueError(f"expected tensors {sorted(self.shapes)}, got {sorted(rows)}")
-        for k, t in rows.items():
-            if tuple(t.shape) != self.shapes[k]:
-                raise ValueError(f"{k} has shape {tuple(t.shape)}, expected {self.shapes[k]}")
-        self._reserve(self.size + 1)
-        for k, t in rows.items():
-            self._store[k][self.size] = t.detach().to(self.device, self.dtype)
-        self.size += 1
-
-    def truncate(self, n: int) -> None:
-        if not 0 <= n <= self.size:
-            raise ValueError(f"cannot truncate {self.size} items to {n}")
-        self.size = n
-
-    def view(self, name: str) -> torch.Tensor:
-        return self._store[name][:self.size]
-
-    def row_bytes(self) -> int:
-        return sum(int(torch.Size(s).numel()) * self._store[k].element_size() for k, s in self.shapes.items())
-
-    def nbytes(self) -> int:
-        """Bytes of the filled rows (what the items hold, not the spare capacity)."""
-        return self.size * self.row_bytes()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: self.view(k).detach().cpu().contiguous() for k in self.shapes}
-
-    def load(self, tensors: dict[str, torch.Tensor], where) -> None:
-        sizes = {t.shape[0] for t in tensors.values()}
-        if set(tensors) != set(self.shapes) or len(sizes) != 1:
-            raise UserError(f"{where}: expected tensors {sorted(self.shapes)} with one row count, "
-                            f"got {sorted(tensors)}")
-        for k, t in tensors.items():
-            if tuple(t.shape[1:]) != self.shapes[k]:
-                raise UserError(f"{where}: {k} has rows of shape {tuple(t.shape[1:])}, expected {self.shapes[k]}")
-        self.clear()
-        n = sizes.pop()
-        self._reserve(max(n, 1))
-        for k, t in tensors.items():
-            self._store[k][:n] = t.to(self.device, self.dtype)
-        self.size = n
 
 
 # ---- unrelated samples -------------------------------------------------------------------------

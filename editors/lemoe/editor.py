@@ -37,7 +37,8 @@ from backbones.base import VLBatch
 from backbones.sites import MLP_INPUT, MLP_OUTPUT, Site
 from editors import EDITORS
 from editors.base import BaseEditor
-from editors.lemoe.common import (GrowingStack, IrrelevantPool, check_fields, item_seed, load_edited_state,
+from editors.common import GrowingRows
+from editors.lemoe.common import (IrrelevantPool, check_fields, item_seed, load_edited_state,
                                   query_mean, save_edited_state)
 from editors.liveedit.editor import select_rows
 from utils.errors import UserError
@@ -113,7 +114,8 @@ class LEMoEEditor(BaseEditor):
         d, D, r, h = proj.out_features, proj.in_features, config.rank, config.router_hidden
         self.shapes = {"C1": (d, r), "R1": (D, r), "C2": (D, r), "R2": (d, r),
                        "kd": (d, h), "ku": (h, d), "key": (d,)}
-        self.experts = GrowingStack(self.shapes, backbone.device, torch.float32)
+        self.experts = GrowingRows(self.shapes, backbone.device, torch.float32,
+                                  initial_capacity=4)     # each row a whole expert: start small
         self.pool = IrrelevantPool(config.irrelevant_dataset, config.irrelevant_data_dir,
                                    config.irrelevant_pool_size)
         self.buffer: list[Sample] = []
@@ -126,7 +128,7 @@ class LEMoEEditor(BaseEditor):
         self.pending = None
         self.n_edits += 1
         if len(self.buffer) >= self.config.edits_per_expert:
-            self.experts.append(self._train_expert(self.buffer, len(self.experts)))
+            self.experts.append(**self._train_expert(self.buffer, len(self.experts)))
             self.edited.extend(self.buffer)
             self.buffer = []
 

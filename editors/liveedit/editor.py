@@ -154,24 +154,49 @@ class LiveEdit(BaseEditor):
         weights, kept = self.repository.route(feats.phi, feats.psi, feats.phi_sentinel)
         return rows, weights, kept
 
-    def _intervene(self, hidden: torch.Tensor, batch: VLBatch) -> torch.Tensor:
-        """The edit-layer intervention: adds the routed experts' residual on every position of the
-        samples that keep at least one expert; every other sample is returned bit for bit."""
+    def _routing(self, hidden: torch.Tensor, batch: VLBatch):
+        """(rows, weights, kept) of the samples that keep at least one expert; None if none does."""
         if len(self.repository) == 0 or not bool(batch.has_image.any()):
-            return hidden
+            return None
         with torch.no_grad():
             rows, weights, kept = self.route(hidden, batch)
             any_kept = kept.any(1)
             if not bool(any_kept.any()):
-                return hidden
-            rows, weights, kept = rows[any_kept], weights[any_kept], kept[any_kept]
+                return None
+            return rows[any_kept], weights[any_kept], kept[any_kept]
+
+    def _add_residual(self, hidden: torch.Tensor, routing) -> torch.Tensor:
+        """The routed experts' residual added on every position of the routed samples; every other
+        sample is returned bit for bit."""
+        if routing is None:
+            return hidden
+        rows, weights, kept = routing
+        with torch.no_grad():
             delta = self.repository.residual(self.net.ln_x(hidden[rows].float()), weights, kept)
         out = hidden.clone()
         out[rows] = hidden[rows] + delta.to(hidden.dtype)
         return out
 
+    def _intervene(self, hidden: torch.Tensor, batch: VLBatch) -> torch.Tensor:
+        """The edit-layer intervention (inference): route, then add the residual."""
+        return self._add_residual(hidden, self._routing(hidden, batch))
+
     def layer_edits(self) -> dict[int, LayerEdit]:
         return {self.layer: self._intervene} if len(self.repository) else {}
+
+    def decoding_edits(self) -> dict[int, LayerEdit]:
+        """Cached decoding: routing reads only the prompt's image and text spans, so it is computed
+        once, on the prompt, and its experts' residual (a function of each position alone) is
+        added at layer l_e on every new token too: the full forward's result."""
+        if not len(self.repository):
+            return {}
+        routing = {}
+
+        def edit(hidden, batch):
+            if batch is not None:      # the prompt
+                routing["prompt"] = self._routing(hidden, batch)
+            return self._add_residual(hidden, routing["prompt"])
+        return {self.layer: edit}
 
     # ---- training --------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

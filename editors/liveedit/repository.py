@@ -1,9 +1,9 @@
 """LiveEdit's expert repository: for every edit, the edit-side features ``phi_hat, psi_hat`` and the
 low-rank expert ``(U, V)``, plus the edit request (prompt, target, image path).
 
-Storage is preallocated and grows by doubling, so appending is amortised O(1) (no ``torch.cat`` of the
-pool). Routing is batched: B queries against N experts are ``[B, N]`` matmuls, masked and
-softmaxed per row, so each sample filters and weights its own experts."""
+The tensors are held in a ``GrowingRows`` (preallocated, grown by doubling, so appending is amortised
+O(1): no ``torch.cat`` of the pool). Routing is batched: B queries against N experts are ``[B, N]``
+matmuls, masked and softmaxed per row, so each sample filters and weights its own experts."""
 import json
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from editors.common import GrowingRows
 from editors.liveedit.modules import expert_mixture, paired_similarity, similarity
 from utils.errors import UserError
 from utils.io import atomic_path, read_json, write_json
@@ -23,66 +24,42 @@ FORMAT = "liveedit-repository-v1"
 class ExpertRepository:
     def __init__(self, k: int, d_m: int, r: int, d: int, device="cpu", dtype=torch.float32,
                  initial_capacity: int = 16):
-        if initial_capacity < 1 or initial_capacity & (initial_capacity - 1):
-            raise ValueError(f"initial_capacity must be a power of two, got {initial_capacity}")
-        self.shapes = {"phi": (k, d_m), "psi": (k, d_m), "U": (r, d), "V": (r, d)}
-        self.device, self.dtype = torch.device(device), dtype
-        self.initial_capacity = initial_capacity
-        self.clear()
+        self.rows = GrowingRows({"phi": (k, d_m), "psi": (k, d_m), "U": (r, d), "V": (r, d)}, device, dtype,
+                                initial_capacity)
+        self.shapes, self.dtype = self.rows.shapes, dtype
+        self.requests: list[dict] = []
 
     # ---- storage ----------------------------------------------------------------------------
     def clear(self) -> None:
         """Empty the repository (storage shrinks back to the initial capacity)."""
-        self.size = 0
-        self.requests: list[dict] = []
-        self._store = {n: torch.zeros((self.initial_capacity,) + s, device=self.device, dtype=self.dtype)
-                       for n, s in self.shapes.items()}
+        self.rows.clear()
+        self.requests = []
 
     @property
     def capacity(self) -> int:
-        return self._store["phi"].shape[0]
+        return self.rows.capacity
 
     def __len__(self) -> int:
-        return self.size
-
-    def _reserve(self, n: int) -> None:
-        cap = self.capacity
-        if n <= cap:
-            return
-        while cap < n:
-            cap *= 2
-        for name, old in self._store.items():
-            new = torch.empty((cap,) + old.shape[1:], device=self.device, dtype=self.dtype)
-            new[:self.size] = old[:self.size]
-            self._store[name] = new
+        return len(self.rows)
 
     def append(self, phi, psi, U, V, requests: list[dict]) -> None:
         """Append ``n`` experts: phi, psi [n, k, d_m], U, V [n, r, d], one request dict each."""
-        n = phi.shape[0]
-        for name, t in (("phi", phi), ("psi", psi), ("U", U), ("V", V)):
-            if tuple(t.shape) != (n,) + self.shapes[name]:
-                raise ValueError(f"expert {name} has shape {tuple(t.shape)}, expected {(n,) + self.shapes[name]}")
-        if len(requests) != n:
-            raise ValueError(f"{n} experts but {len(requests)} requests")
-        self._reserve(self.size + n)
-        for name, t in (("phi", phi), ("psi", psi), ("U", U), ("V", V)):
-            self._store[name][self.size:self.size + n] = t.detach().to(self.device, self.dtype)
+        if len(requests) != phi.shape[0]:
+            raise ValueError(f"{phi.shape[0]} experts but {len(requests)} requests")
+        self.rows.extend({"phi": phi, "psi": psi, "U": U, "V": V})
         self.requests.extend(dict(r) for r in requests)
-        self.size += n
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` experts (storage is kept)."""
-        if not 0 <= n <= self.size:
-            raise ValueError(f"cannot truncate a repository of {self.size} experts to {n}")
-        self.size = n
+        self.rows.truncate(n)
         del self.requests[n:]
 
     def tensor(self, name: str) -> torch.Tensor:
         """View of the filled part of one store: 'phi', 'psi', 'U' or 'V'."""
-        return self._store[name][:self.size]
+        return self.rows.view(name)
 
     def bytes_per_expert(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self._store.values())
+        return self.rows.row_bytes()
 
     # ---- routing ----------------------------------------------------------------------------
     def route(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor):
@@ -100,7 +77,7 @@ class ExpertRepository:
             return weights, kept
         # textual similarities only for experts that some row kept: gather those rows when they are
         # few (the usual case), else one pass over the whole pool
-        if 2 * cols.numel() > self.size:
+        if 2 * cols.numel() > len(self):
             t = similarity(psi, self.tensor("psi"))[:, cols]
         else:
             t = similarity(psi, self.tensor("psi")[cols])
@@ -119,8 +96,8 @@ class ExpertRepository:
         """Write the experts (safetensors, with the fingerprint in its metadata) and the requests."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: self.tensor(n).detach().to("cpu").contiguous() for n in self._store}
-        meta = {"format": FORMAT, "fingerprint": json.dumps(fingerprint, sort_keys=True), "size": str(self.size)}
+        tensors = self.rows.state()
+        meta = {"format": FORMAT, "fingerprint": json.dumps(fingerprint, sort_keys=True), "size": str(len(self))}
         with atomic_path(directory / TENSORS_FILE) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         write_json(directory / REQUESTS_FILE, {"format": FORMAT, "fingerprint": fingerprint,

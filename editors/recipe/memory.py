@@ -1,8 +1,9 @@
-"""A growing edit memory: named per-edit tensors in preallocated storage that doubles when full (an
-append is amortised O(1), never a ``torch.cat`` of the pool), plus one request dict per edit (prompt,
-target, image path). Saved as ``memory.safetensors`` + ``memory.json`` with a fingerprint of what the
-stored tensors depend on (editor, backbone, trained weights); loading checks it. Used by RECIPE (keys
-and prompt tokens) and LTE (retrieval keys; the prefixes are re-embedded from the requests)."""
+"""A growing edit memory: named per-edit tensors in a ``GrowingRows`` (preallocated storage that
+doubles when full: an append is amortised O(1), never a ``torch.cat`` of the pool), plus one request
+dict per edit (prompt, target, image path). Saved as ``memory.safetensors`` + ``memory.json`` with a
+fingerprint of what the stored tensors depend on (editor, backbone, trained weights); loading checks
+it. Used by RECIPE (keys and prompt tokens) and LTE (retrieval keys; the prefixes are re-embedded from
+the requests)."""
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from editors.common import GrowingRows
 from utils.errors import UserError
 from utils.io import atomic_path, read_json, write_json
 
@@ -19,69 +21,46 @@ META_FILE = "memory.json"
 
 class GrowingMemory:
     def __init__(self, shapes: dict[str, tuple], device="cpu", dtype=torch.float32, initial_capacity: int = 16):
-        if initial_capacity < 1 or initial_capacity & (initial_capacity - 1):
-            raise ValueError(f"initial_capacity must be a power of two, got {initial_capacity}")
-        self.shapes = {k: tuple(v) for k, v in shapes.items()}
-        self.device, self.dtype = torch.device(device), dtype
-        self.initial_capacity = initial_capacity
-        self.clear()
+        self.rows = GrowingRows(shapes, device, dtype, initial_capacity)
+        self.shapes = self.rows.shapes
+        self.requests: list[dict] = []
 
     def clear(self) -> None:
         """Empty the memory (storage shrinks back to the initial capacity)."""
-        self.size = 0
-        self.requests: list[dict] = []
-        self._store = {n: torch.zeros((self.initial_capacity,) + s, device=self.device, dtype=self.dtype)
-                       for n, s in self.shapes.items()}
+        self.rows.clear()
+        self.requests = []
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.rows)
 
     @property
     def capacity(self) -> int:
-        return next(iter(self._store.values())).shape[0]
-
-    def _reserve(self, n: int) -> None:
-        cap = self.capacity
-        if n <= cap:
-            return
-        while cap < n:
-            cap *= 2
-        for name, old in self._store.items():
-            new = torch.empty((cap,) + old.shape[1:], device=self.device, dtype=self.dtype)
-            new[:self.size] = old[:self.size]
-            self._store[name] = new
+        return self.rows.capacity
 
     def append(self, tensors: dict[str, torch.Tensor], requests: list[dict]) -> None:
         """Append ``n`` entries: each named tensor ``[n, *shape]``, one request dict each."""
-        if set(tensors) != set(self.shapes):
-            raise ValueError(f"memory holds {sorted(self.shapes)}, got {sorted(tensors)}")
-        n = len(requests)
-        for name, t in tensors.items():
-            if tuple(t.shape) != (n,) + self.shapes[name]:
-                raise ValueError(f"memory tensor {name} has shape {tuple(t.shape)}, "
-                                 f"expected {(n,) + self.shapes[name]}")
-        self._reserve(self.size + n)
-        for name, t in tensors.items():
-            self._store[name][self.size:self.size + n] = t.detach().to(self.device, self.dtype)
+        counts = {name: tuple(t.shape[:1]) for name, t in tensors.items()}
+        if any(c != (len(requests),) for c in counts.values()):
+            raise ValueError(f"memory: {len(requests)} requests but rows {counts}")
+        self.rows.extend(tensors)
         self.requests.extend(dict(r) for r in requests)
-        self.size += n
 
     def tensor(self, name: str) -> torch.Tensor:
         """The first ``len(self)`` entries of ``name`` (a view, no copy)."""
-        return self._store[name][:self.size]
+        return self.rows.view(name)
 
     def nbytes(self) -> int:
         """Bytes of the stored tensors of the current entries (not the spare capacity)."""
-        return sum(self.tensor(n).numel() * self.tensor(n).element_size() for n in self.shapes)
+        return self.rows.nbytes()
 
     # ---- persistence ----------------------------------------------------------------------------
     def save(self, directory, fingerprint: dict) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: self.tensor(n).detach().cpu().contiguous() for n in self.shapes}
+        tensors = self.rows.state()
         with atomic_path(directory / TENSORS_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
-        write_json(directory / META_FILE, {"fingerprint": fingerprint, "size": self.size, "requests": self.requests})
+        write_json(directory / META_FILE, {"fingerprint": fingerprint, "size": len(self), "requests": self.requests})
 
     def load(self, directory, fingerprint: dict, what: str = "memory") -> None:
         """Replace the contents with a saved memory; a memory saved by another editor, backbone or

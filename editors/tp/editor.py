@@ -239,5 +239,5 @@ class TPEditor(BaseEditor):
 
     def load_state(self, directory: Path) -> None:
         tensors, meta = load_state_file(Path(directory) / STATE_FILE, self._owner(), ["key", "bias", "value"])
-        self.patches.load(tensors)
+        self.patches.load(tensors, f"edited state {directory}")
         self.n_edits = int(meta.get("n_edits", len(self.patches)))

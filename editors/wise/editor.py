@@ -47,7 +47,8 @@ from backbones.base import VLBatch
 from backbones.sites import BLOCK_OUTPUT, MLP_ACTIVATION, MLP_OUTPUT, Site
 from editors import EDITORS
 from editors.base import BaseEditor
-from editors.lemoe.common import (GrowingStack, IrrelevantPool, check_fields, item_seed, load_edited_state,
+from editors.common import GrowingRows
+from editors.lemoe.common import (IrrelevantPool, check_fields, item_seed, load_edited_state,
                                   query_mask, save_edited_state)
 from utils.errors import UserError
 from utils.losses import masked_nll
@@ -140,7 +141,8 @@ class WISEEditor(BaseEditor):
         module = backbone.mlp_output_projection(self.layer_index)
         self.W0 = module.weight.detach().float().clone()
         self.bias = None if module.bias is None else module.bias.detach().float().clone()
-        self.shards = GrowingStack({"W": tuple(self.W0.shape)}, self.W0.device, torch.float32)
+        self.shards = GrowingRows({"W": tuple(self.W0.shape)}, self.W0.device, torch.float32,
+                                  initial_capacity=4)      # each row a whole FFN weight: start small
         self.pool = IrrelevantPool(config.irrelevant_dataset, config.irrelevant_data_dir,
                                    config.irrelevant_pool_size)
         self._additive = None  # whether the FFN output enters the layer output additively (checked once)
@@ -255,7 +257,7 @@ class WISEEditor(BaseEditor):
         self.side_edits += 1
         self.n_edits += 1
         if self.side_edits == cfg.save_freq:
-            self.shards.append({"W": self.side})
+            self.shards.append(W=self.side)
             self.shard_min.append(self.side_min)
             self.side, self.side_edits, self.side_min = self.W0.clone(), 0, math.inf
         if self.n_edits % cfg.merge_freq == 0:
@@ -284,7 +286,7 @@ class WISEEditor(BaseEditor):
             threshold = min(self.shard_min[start:])
             self.shards.truncate(start)
             del self.shard_min[start:]
-            self.shards.append({"W": merged})
+            self.shards.append(W=merged)
             self.shard_min.append(threshold)
 
     # ---- inference --------------------------------------------------------------------------
