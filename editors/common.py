@@ -59,6 +59,20 @@ def resolve_layer(editor: str, layer: int, backbone) -> int:
 
 
 # ---- edited state on disk -----------------------------------------------------------------------
+def check_trained_state(state: dict, own: dict, editor: str, shapes: str, setup: str = "") -> None:
+    """A checkpoint's trained tensors fit the editor's own (the same names and shapes), else one line
+    naming the first differences; ``setup`` (e.g. " (layers [3, 4])") follows "this editor" when names
+    differ, ``shapes`` describes the sizes that decide the shapes."""
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{editor} checkpoint does not match this editor{setup}: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise UserError(f"{editor} checkpoint tensor {k!r} has shape {tuple(v.shape)}; this editor "
+                            f"({shapes}) expects {tuple(own[k].shape)}")
+
+
 def save_state_file(path: Path, tensors: dict[str, torch.Tensor], owner: dict, **extra) -> None:
     """Write ``tensors`` to a safetensors file whose metadata names its ``owner`` (editor, backbone
     and what else must match to load it) plus ``extra`` facts; written atomically."""

@@ -14,6 +14,7 @@ from backbones.base import LayerEdit, VLBackbone, VLBatch
 from backbones.devices import module_device
 from editors import EDITORS
 from editors.base import BaseEditor
+from editors.common import check_trained_state
 from editors.liveedit.config import LOSS_TERMS, LiveEditConfig
 from editors.liveedit.modules import (FeatureExtractor, LowRankGenerator, expert_mixture, paired_similarity,
                                       similarity)
@@ -221,17 +222,9 @@ class LiveEdit(BaseEditor):
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.net.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(f"LiveEdit checkpoint does not match this editor: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise UserError(f"LiveEdit checkpoint tensor {k!r} has shape {tuple(v.shape)}; this editor "
-                                f"(backbone {self.backbone.name!r} with hidden size {self.backbone.hidden_size}, "
-                                f"d_m={self.config.d_m}, rank={self.config.rank}, n_queries={self.config.n_queries}) "
-                                f"expects {tuple(own[k].shape)}")
+        check_trained_state(state, self.net.state_dict(), "LiveEdit",
+                            f"backbone {self.backbone.name!r} with hidden size {self.backbone.hidden_size}, "
+                            f"d_m={self.config.d_m}, rank={self.config.rank}, n_queries={self.config.n_queries}")
         self.net.load_state_dict(state)
 
     def prepare_training_batch(self, records: Sequence[EditRecord]) -> "TrainingBatch":

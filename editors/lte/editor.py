@@ -42,6 +42,7 @@ from backbones.base import VLBackbone, VLBatch
 from backbones.sites import MLP_ACTIVATION, MLP_OUTPUT, Site
 from editors import EDITORS
 from editors.base import BaseEditor
+from editors.common import check_trained_state
 from editors.lte.config import LTE_LOSS_TERMS, LteConfig
 from editors.recipe.batching import (back_to_original, greedy_generate, insert_embeddings, logits_by_row,
                                      prompt_texts)
@@ -271,17 +272,9 @@ class LTE(BaseEditor):
         return {k: v.detach().clone() for k, v in state.items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.trainable_state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(f"LTE checkpoint does not match this editor (finetune={self.config.finetune!r}, "
-                            f"train_retriever={self.config.train_retriever}): missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise UserError(f"LTE checkpoint tensor {k!r} has shape {tuple(v.shape)}; this editor (backbone "
-                                f"{self.backbone.name!r}, lora_rank={self.config.lora_rank}) "
-                                f"expects {tuple(own[k].shape)}")
+        check_trained_state(state, self.trainable_state_dict(), "LTE",
+                            f"backbone {self.backbone.name!r}, lora_rank={self.config.lora_rank}",
+                            f" (finetune={self.config.finetune!r}, train_retriever={self.config.train_retriever})")
         split = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         self.adapter.load_state_dict(split("adapter."))
         if self.config.train_retriever:

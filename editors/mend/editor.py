@@ -38,6 +38,7 @@ from backbones.sites import MLP_ACTIVATION, MLP_INPUT, MLP_OUTPUT, Site
 from backbones.stacks import LlamaStack, OPTStack
 from editors import EDITORS
 from editors.base import BaseEditor
+from editors.common import check_trained_state
 from editors.liveedit.editor import select_rows
 from editors.mend.config import LOSS_TERMS, MendConfig
 from editors.mend.hypernet import GradientTransform
@@ -294,16 +295,9 @@ class Mend(BaseEditor):
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.net.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(f"mend checkpoint does not match this editor (layers {self.layers}, projections "
-                            f"{self.config.projections}, norm {self.config.norm}): missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise UserError(f"mend checkpoint tensor {k!r} has shape {tuple(v.shape)}; this editor "
-                                f"(backbone {self.backbone.name!r}, rank {self.config.rank}) expects {tuple(own[k].shape)}")
+        check_trained_state(state, self.net.state_dict(), "mend",
+                            f"backbone {self.backbone.name!r}, rank {self.config.rank}",
+                            f" (layers {self.layers}, projections {self.config.projections}, norm {self.config.norm})")
         self.net.load_state_dict(state)
 
     def prepare_training_batch(self, records: Sequence[EditRecord]) -> TrainingBatch:

@@ -30,6 +30,7 @@ from torch import nn
 from backbones.base import VLBackbone, VLBatch
 from editors import EDITORS
 from editors.base import BaseEditor
+from editors.common import check_trained_state
 from editors.recipe.batching import (back_to_original, greedy_generate, insert_embeddings, logits_by_row,
                                      prompt_texts)
 from editors.recipe.config import RECIPE_LOSS_TERMS, RecipeConfig
@@ -226,16 +227,9 @@ class Recipe(BaseEditor):
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.net.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(f"RECIPE checkpoint does not match this editor: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise UserError(f"RECIPE checkpoint tensor {k!r} has shape {tuple(v.shape)}; this editor "
-                                f"(backbone {self.backbone.name!r}, encoder {self.config.encoder!r}, "
-                                f"rep_dim={self.config.rep_dim}) expects {tuple(own[k].shape)}")
+        check_trained_state(state, self.net.state_dict(), "RECIPE",
+                            f"backbone {self.backbone.name!r}, encoder {self.config.encoder!r}, "
+                            f"rep_dim={self.config.rep_dim}")
         self.net.load_state_dict(state)
         self._sentinel = None          # the sentinel is a function of the weights: recompute it
 

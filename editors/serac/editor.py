@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from backbones.base import IGNORE, VLBackbone, VLBatch
 from editors import EDITORS
 from editors.base import BaseEditor
+from editors.common import check_trained_state
 from editors.liveedit.editor import select_rows
 from editors.serac.config import LOSS_TERMS, SeracConfig
 from editors.serac.memory import EditMemory
@@ -163,14 +164,7 @@ class Serac(BaseEditor):
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = {k: v for k, v in self.net.state_dict().items() if k not in self.unused}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(f"serac checkpoint does not match this editor: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise UserError(f"serac checkpoint tensor {k!r} has shape {tuple(v.shape)}; this editor "
-                                f"(backbone {self.backbone.name!r}) expects {tuple(own[k].shape)}")
+        check_trained_state(state, own, "serac", f"backbone {self.backbone.name!r}")
         self.net.load_state_dict(state, strict=False)
 
     def prepare_training_batch(self, records: Sequence[EditRecord]) -> TrainingBatch:
