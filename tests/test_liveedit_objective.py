@@ -54,8 +54,8 @@ def test_same_image_pairs_are_left_out_of_hard_routing(routing_pairs, load_tiny,
     seen = []
     original = LiveEdit._hard_logits
 
-    def spy(ifeat, rows, phi_hat, blocked):
-        out = original(ifeat, rows, phi_hat, blocked)
+    def spy(ifeat, rows, phi_hat, blocked, pool=None):
+        out = original(ifeat, rows, phi_hat, blocked, pool)
         seen.append((rows.tolist(), out.detach()))
         return out
     monkeypatch.setattr(LiveEdit, "_hard_logits", staticmethod(spy))
@@ -71,8 +71,10 @@ def test_same_image_pairs_are_left_out_of_hard_routing(routing_pairs, load_tiny,
     assert torch.isfinite(logits[:, -1]).all()                # the sentinel column is always there
 
 
-def test_data_parallel_sees_the_global_batch(tiny_dirs, images, tmp_path):
-    """2 processes (gloo) at global batch 4 == 1 process at batch 4: loss terms and gradients."""
+@pytest.mark.parametrize("negative_pool", [0, 4])
+def test_data_parallel_sees_the_global_batch(negative_pool, tiny_dirs, images, tmp_path):
+    """2 processes (gloo) at global batch 4 == 1 process at batch 4: loss terms and gradients (with
+    a negative pool: each process's pool is gathered, the same columns as one process's)."""
     recs = records(images, 4)
     spec = [{k: [s.prompt, s.target, s.image] for k, s in (("edit", r.edit), ("text_rephrase", r.text_rephrase),
              ("image_rephrase", r.image_rephrase), ("text_loc", r.text_loc), ("image_loc", r.image_loc))}
@@ -87,7 +89,8 @@ def test_data_parallel_sees_the_global_batch(tiny_dirs, images, tmp_path):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world), str(port), str(tiny_dirs["blip2"]),
-                                   str(tmp_path / "records.json"), str(out)]) for r in range(world)]
+                                   str(tmp_path / "records.json"), str(out), str(negative_pool)])
+                 for r in range(world)]
         assert all(p.wait(timeout=300) == 0 for p in procs)
         parts = [torch.load(out / f"rank{r}.pt") for r in range(world)]
         terms = {k: sum(p["terms"][k] for p in parts) for k in parts[0]["terms"]}
@@ -99,6 +102,44 @@ def test_data_parallel_sees_the_global_batch(tiny_dirs, images, tmp_path):
     for k in one[1]:
         torch.testing.assert_close(two[1][k], one[1][k], rtol=1e-5, atol=1e-5, msg=k)
     assert any(g.abs().sum() > 0 for g in one[1].values())
+
+
+def test_negative_pool_adds_earlier_edit_requests_as_hard_routing_columns(load_tiny, images, monkeypatch):
+    """negative_pool: the last batches' edit requests join both hard contrasts (the sentinel stays the
+    last column and the target of hard_sentinel), the pool keeps at most its size, the same edit
+    image is never contrasted, and the pool travels with training_memory() for an exact resume."""
+    bb = load_tiny("blip2")
+    ed = LiveEdit(bb, config(negative_pool=4))
+    first, second = records(images, 3), records(images[1:], 3)
+    ed.training_losses(first)
+    assert [e[3].shape[0] for e in ed.negative_pool] == [3]
+    widths, original = [], LiveEdit._hard_logits
+
+    def spy(ifeat, rows, phi_hat, blocked, pool=None):
+        out = original(ifeat, rows, phi_hat, blocked, pool)
+        widths.append((out.shape[1], pool))
+        return out
+    monkeypatch.setattr(LiveEdit, "_hard_logits", staticmethod(spy))
+    memory, rng = ed.training_memory(), ed.rng_state()
+    losses = ed.training_losses(second)
+    assert [w for w, _ in widths] == [3 + 3 + 1, 3 + 3 + 1]          # batch, pool, sentinel
+    blocked = widths[0][1][1]                                         # [R, P]: same edit image file
+    for i, r in enumerate(second):
+        for j, p in enumerate(first):
+            assert bool(blocked[i, j]) == (r.edit.image == p.edit.image)
+    assert [e[3].shape[0] for e in ed.negative_pool] == [3]           # 6 > 4: the oldest batch left
+    # resume: another editor with the same weights, RNG and memory gives the same losses
+    other = LiveEdit(bb, config(negative_pool=4))
+    other.load_trainable_state_dict(ed.trainable_state_dict())
+    other.set_rng_state(rng)
+    other.set_training_memory(memory)
+    again = other.training_losses(second)
+    assert {k: float(v.detach()) for k, v in again.items()} == {k: float(v.detach()) for k, v in losses.items()}
+    # without the memory the pool is empty and the hard losses differ
+    fresh = LiveEdit(bb, config(negative_pool=4))
+    fresh.load_trainable_state_dict(ed.trainable_state_dict())
+    fresh.set_rng_state(rng)
+    assert float(fresh.training_losses(second)["hard_sentinel"].detach()) != float(losses["hard_sentinel"].detach())
 
 
 def test_random_seed_flag_seeds_the_initialisation(tiny_dirs, tmp_path):

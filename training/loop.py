@@ -10,6 +10,9 @@ section holding ``lr``, ``lr_cut_step`` (None: never) and ``lr_cut_factor``, and
   with ``-rs`` (the same on every process, so draws made for the global batch agree) and saves /
   restores its state for exact resume. An editor may instead define ``rng_state()`` /
   ``set_rng_state(state)``;
+- ``editor.training_memory()`` / ``set_training_memory(memory)``: state other than the weights that
+  shapes the next steps (LiveEdit's pool of earlier batches' samples), saved per process in each
+  checkpoint so that a resumed run continues exactly;
 - a config field ``seed``: replaced by ``-rs`` before the editor is built, so ``-rs`` seeds the
   initialisation of the trainable modules (the saved editor config records it);
 - ``editor.prepare_training_batch(records)``: runs in the prefetch thread (``-dbs`` ahead) and its
@@ -107,7 +110,8 @@ def _seed_all(editor, seed: int, editor_seed: int):
 def rng_state(editor) -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "editor": _editor_rng_get(editor)}
+            "editor": _editor_rng_get(editor),
+            "editor_memory": editor.training_memory() if hasattr(editor, "training_memory") else None}
 
 
 def set_rng_state(editor, state: dict):
@@ -117,6 +121,8 @@ def set_rng_state(editor, state: dict):
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     _editor_rng_set(editor, state.get("editor"))
+    if state.get("editor_memory") is not None and hasattr(editor, "set_training_memory"):
+        editor.set_training_memory(state["editor_memory"])
 
 
 # ---- gradients across processes ------------------------------------------------------------------
@@ -345,7 +351,7 @@ def _train_in(opts, accelerator, editor_cls, config, tcfg, records, backbone_nam
             set_rng_state(editor, state["rng"][rank])
         else:
             note(f"the checkpoint was written by {len(state['rng'])} process(es), this run has {world}: "
-                 f"random streams restart from the seed")
+                 f"random streams (and any editor memory) restart from the seed")
             _seed_all(editor, opts.random_seed + rank + 7919 * step, opts.random_seed + 7919 * step)
 
     run_config = {

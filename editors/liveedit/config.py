@@ -66,6 +66,11 @@ class LiveEditConfig:
     attention_out_proj: bool = False       # an output projection after the attention heads
     sentinel_init: str = "kaiming"         # "kaiming" (std sqrt(2/(n_v d))) or "normal" (std 1)
     zero_init_v: bool = False              # V's generator output starts at zero (experts add nothing)
+    # This project's addition (0: off, the authors' objective). At inference hard filtering faces every
+    # expert of the repository, in training only the batch's: the edit requests of the last
+    # ``negative_pool`` training samples (their frozen layer-l_e states kept, features recomputed
+    # with the current weights at each step) join both hard-routing contrasts as extra columns.
+    negative_pool: int = 0
 
     def __post_init__(self):
         for name, allowed in (("routing_pairs", ("neighbourhood", "edit_requests")),
@@ -75,6 +80,8 @@ class LiveEditConfig:
         for name in ("attention_out_proj", "zero_init_v"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"liveedit.{name}: expected true or false, got {getattr(self, name)!r}")
+        if isinstance(self.negative_pool, bool) or self.negative_pool < 0:
+            raise UserError(f"liveedit.negative_pool: expected an integer >= 0, got {self.negative_pool!r}")
         for name in ("d_m", "heads", "rank", "n_queries"):
             if getattr(self, name) < 1:
                 raise UserError(f"liveedit.{name}: expected a positive integer, got {getattr(self, name)}")

@@ -95,6 +95,9 @@ class LiveEdit(BaseEditor):
         self.net.to(dev).eval()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.repository = ExpertRepository(config.n_queries, config.d_m, config.rank, d, device=dev)
+        # training only (config.negative_pool): earlier batches' edit requests, as
+        # (layer-l_e hidden [b, L, d], vision mask, prompt mask, image ids [b]), oldest first
+        self.negative_pool: list[tuple] = []
 
     @property
     def device(self) -> torch.device:
@@ -217,6 +220,34 @@ class LiveEdit(BaseEditor):
     def set_rng_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
+    def training_memory(self) -> list[tuple]:
+        """The negative pool (saved in training checkpoints, so a resumed run continues exactly)."""
+        return [tuple(t.to("cpu") for t in entry) for entry in self.negative_pool]
+
+    def set_training_memory(self, memory: list[tuple]) -> None:
+        self.negative_pool = [tuple(t.to(self.device) for t in entry) for entry in memory]
+
+    def _pool_features(self):
+        """(phi_hat [P, k, d_m] of the global negative pool, with gradient, its image ids [P]), or
+        (None, None) when the pool is off or empty on every process."""
+        if not self.config.negative_pool:
+            return None, None
+        k, d_m, dev = self.config.n_queries, self.config.d_m, self.device
+        phis = [self.net.edit_extractor(h.float(), v, p).phi for h, v, p, _ in self.negative_pool]
+        phi = torch.cat(phis) if phis else torch.zeros(0, k, d_m, device=dev)
+        ids = (torch.cat([e[3] for e in self.negative_pool]) if self.negative_pool
+               else torch.zeros(0, dtype=torch.long, device=dev))
+        phi, ids = gather_rows(phi), gather_rows(ids)
+        return (phi, ids) if phi.shape[0] else (None, None)
+
+    def _remember(self, hidden, vision, prompt, image_ids) -> None:
+        """Push this batch's edit requests into the negative pool, dropping the oldest beyond its size."""
+        if not self.config.negative_pool:
+            return
+        self.negative_pool.append((hidden.detach(), vision, prompt, image_ids))
+        while sum(e[3].shape[0] for e in self.negative_pool) > self.config.negative_pool:
+            self.negative_pool.pop(0)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights of every trainable module (the RNG state is separate: ``rng_state()``)."""
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -320,9 +351,12 @@ class LiveEdit(BaseEditor):
         image_ids = prepared.image_ids.to(dev)
         same_image = image_ids[:, None] == gather_rows(image_ids)[None]               # [R, G]
         same_image &= torch.arange(G, device=dev)[None] != (offset + torch.arange(R, device=dev))[:, None]
+        pool_phi, pool_ids = self._pool_features()
+        pool = None if pool_phi is None else (pool_phi, image_ids[:, None] == pool_ids[None])   # [R, P]
         routing = (self._neighbourhood_routing if self.config.routing_pairs == "neighbourhood"
                    else self._edit_request_routing)
-        losses.update(routing(ifeat, efeat, draws, offset, R, G, same_image))
+        losses.update(routing(ifeat, efeat, draws, offset, R, G, same_image, pool))
+        self._remember(hidden[:R], vision[:R], prompt[:R], image_ids)
         weights = self.config.loss_weights
         # on one device (logits, hence rel / gen / loc, sit on the LM head's device)
         return {name: (losses[name] * getattr(weights, name)).to(dev) for name in LOSS_TERMS}
@@ -336,19 +370,23 @@ class LiveEdit(BaseEditor):
         return {"soft_relative": F.cross_entropy(t, own.float().argmax(1)), "soft_absolute": absolute}
 
     @staticmethod
-    def _hard_logits(ifeat, rows, phi_hat, blocked) -> torch.Tensor:
-        """[A, G + 1]: sim(phi_bar(a), phi_hat(b_j)) for every column j, then the sentinel's
+    def _hard_logits(ifeat, rows, phi_hat, blocked, pool=None) -> torch.Tensor:
+        """[A, G (+ P) + 1]: sim(phi_bar(a), phi_hat(b_j)) for every column j, then for every pooled
+        edit request (``pool``: (phi_hat [P, k, d_m], blocked [A, P]) or None), then the sentinel's
         sim(phi_bar(a), phi_bar_S(a)); ``blocked`` columns are -inf."""
         phi = ifeat.phi[rows]
-        cols = similarity(phi, phi_hat).masked_fill(blocked, float("-inf"))
-        return torch.cat([cols, paired_similarity(phi, ifeat.phi_sentinel[rows])[:, None]], 1)
+        cols = [similarity(phi, phi_hat).masked_fill(blocked, float("-inf"))]
+        if pool is not None:
+            cols.append(similarity(phi, pool[0]).masked_fill(pool[1], float("-inf")))
+        cols.append(paired_similarity(phi, ifeat.phi_sentinel[rows])[:, None])
+        return torch.cat(cols, 1)
 
-    def _neighbourhood_routing(self, ifeat, efeat, draws, offset, R, G, same_image) -> dict:
+    def _neighbourhood_routing(self, ifeat, efeat, draws, offset, R, G, same_image, pool) -> dict:
         """The authors' routing contrasts. Record j draws a pair (a_j, b_j) from one neighbourhood:
         a_j is its rel, a gen or its loc sample; b_j is rel/t-gen/m-gen for a rel/gen a_j, the loc
         sample itself for a loc a_j. The input side reads a_j, the edit side b_j. The sentinel
         contrast pairs a rel/gen sample with the record's loc sample, in random order, and the
-        sentinel must beat every column."""
+        sentinel must beat every column. ``pool``: the negative pool's columns (or None)."""
         dev = ifeat.psi.device
         local = lambda x: x[offset:offset + R].to(dev)
         j = torch.arange(R, device=dev)
@@ -362,14 +400,14 @@ class LiveEdit(BaseEditor):
 
         own = torch.arange(G, device=dev)[None] == (offset + j)[:, None]              # [R, G]
         out = self._soft_losses(similarity(ifeat.psi[a], gather_rows(efeat.psi[b])), own)
-        out["hard_neighbour"] = F.cross_entropy(self._hard_logits(ifeat, a, gather_rows(efeat.phi[b]), same_image),
-                                                offset + j)
-        sentinel = torch.full((R,), G, dtype=torch.long, device=dev)
-        out["hard_sentinel"] = F.cross_entropy(self._hard_logits(ifeat, a2, gather_rows(efeat.phi[b2]), same_image),
-                                               sentinel)
+        out["hard_neighbour"] = F.cross_entropy(
+            self._hard_logits(ifeat, a, gather_rows(efeat.phi[b]), same_image, pool), offset + j)
+        sentinel_logits = self._hard_logits(ifeat, a2, gather_rows(efeat.phi[b2]), same_image, pool)
+        sentinel = torch.full((R,), sentinel_logits.shape[1] - 1, dtype=torch.long, device=dev)
+        out["hard_sentinel"] = F.cross_entropy(sentinel_logits, sentinel)
         return out
 
-    def _edit_request_routing(self, ifeat, efeat, draws, offset, R, G, same_image) -> dict:
+    def _edit_request_routing(self, ifeat, efeat, draws, offset, R, G, same_image, pool) -> dict:
         """This project's first routing contrasts: every rel/gen sample against the batch's edit
         requests; locality samples, and rel/gen samples against other records' edits, must prefer
         the sentinel."""
@@ -380,11 +418,13 @@ class LiveEdit(BaseEditor):
         out = self._soft_losses(similarity(ifeat.psi[rows], gather_rows(efeat.psi[:R])), own)
         phi_hat = gather_rows(efeat.phi[:R])
         blocked = same_image.repeat(3, 1)
-        out["hard_neighbour"] = F.cross_entropy(self._hard_logits(ifeat, rows, phi_hat, blocked), owner)
+        pool3 = None if pool is None else (pool[0], pool[1].repeat(3, 1))
+        out["hard_neighbour"] = F.cross_entropy(self._hard_logits(ifeat, rows, phi_hat, blocked, pool3), owner)
         loc = torch.arange(3 * R, 4 * R, device=dev)
-        sentinel_logits = torch.cat([self._hard_logits(ifeat, rows, phi_hat, blocked | own),
-                                     self._hard_logits(ifeat, loc, phi_hat, torch.zeros_like(same_image))])
-        sentinel = torch.full((4 * R,), G, dtype=torch.long, device=dev)
+        pool_loc = None if pool is None else (pool[0], torch.zeros_like(pool[1]))
+        sentinel_logits = torch.cat([self._hard_logits(ifeat, rows, phi_hat, blocked | own, pool3),
+                                     self._hard_logits(ifeat, loc, phi_hat, torch.zeros_like(same_image), pool_loc)])
+        sentinel = torch.full((4 * R,), sentinel_logits.shape[1] - 1, dtype=torch.long, device=dev)
         out["hard_sentinel"] = F.cross_entropy(sentinel_logits, sentinel)
         return out
 
