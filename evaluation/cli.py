@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="YAML",
                    help="editor config instead of configs/<editor>/<backbone>.yaml (tuning; not with -ckpt, "
                         "which brings the config it was trained with)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the editor config (dotted for sections, YAML value), after "
+                        "--config or the checkpoint's saved config; repeatable. E.g. --set threshold=12.0 "
+                        "sweeps an inference-time key of a trained editor")
     p.add_argument("-dn", "--data_name", required=True, help="EVQA, EIC, VLKEB or SYNTH-EVQA/EIC/VLKEB")
     p.add_argument("--split", default="eval", choices=("eval", "val", "eval_large"),
                    help="records to edit and test: eval (report) or val (tune configs on it). Synthetic "
@@ -146,7 +150,7 @@ def main(argv=None) -> dict:
     from evaluation.protocol import check_saved_states, plan_chunks, plan_points, run_protocol
     from evaluation.results import RunStore, finalise, markdown_table, write_table
     from synthetic.embedded import prepare_backbone, prepare_dataset
-    from utils.config import config_path, from_dict, load_config, to_dict
+    from utils.config import config_path, from_dict, load_config, to_dict, with_overrides
     from vl_datasets import get_dataset_spec, load_dataset
 
     # ---- names, config, checkpoint, data: all checked before anything is loaded or written ----
@@ -173,6 +177,9 @@ def main(argv=None) -> dict:
         if weights is not None:
             notes.append(f"note: checkpoint {weights} has no saved editor config (config.yaml with editor_config); "
                          f"using {config_source}")
+    if args.set:
+        config, changed = with_overrides(editor_cls.config_class, config, args.set)
+        notes.append("note: --set " + ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in changed))
     if (args.save_edited_state or args.load_edited_state) and not supports_state(editor_cls):
         raise UserError(f"editor {args.editor_name!r} cannot save or load its edited state "
                         f"(--save_edited_state / --load_edited_state)")

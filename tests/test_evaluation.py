@@ -235,6 +235,8 @@ class TrainableNone(NoneEditor):
     (["-sen", "2", "--save_edited_state", "{tmp}/state"], "cannot save or load its edited state"),
     (["-sen", "2", "-dn", "NOPE"], "unknown dataset 'NOPE'"),
     (["--eval_at", "2,x"], "--eval_at must be"),
+    (["-sen", "2", "--set", "nope=1"], "unknown key 'nope'"),
+    (["-sen", "2", "--set", "lr"], "expected KEY=VALUE"),
     ([], "give -sen"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tiny_dirs, data_dir, tmp_path, monkeypatch, extra, message):
@@ -352,3 +354,14 @@ def test_config_flag_replaces_the_shipped_yaml(tiny_dirs, data_dir, tmp_path, ca
     saved = yaml.safe_load((out["run_dir"] / "config.yaml").read_text())
     assert saved["editor_config"] == {"layer": 1, "steps": 1, "lr": 1e-3, "early_stop_loss": 0.0, "norm_constraint": 0.5}
     assert saved["editor_config_source"] == str(cfg.resolve())
+
+
+def test_set_flag_overrides_one_config_key_type_checked(tiny_dirs, data_dir, tmp_path, capsys):
+    """--set KEY=VALUE replaces one key after the YAML (or a checkpoint's saved config): the run
+    records the new value, a wrong type is one clear error."""
+    out = main(argv(tiny_dirs, data_dir, tmp_path / "rec", "--set", "steps=2", "--set", "lr=0.5", editor="ft-l"))
+    saved = yaml.safe_load((out["run_dir"] / "config.yaml").read_text())["editor_config"]
+    assert (saved["steps"], saved["lr"]) == (2, 0.5)
+    assert "note: --set steps=2 (was" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"--set.steps: expected int, got 'two'"):
+        main(argv(tiny_dirs, data_dir, tmp_path / "rec2", "--set", "steps=two", editor="ft-l"))

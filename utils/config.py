@@ -116,3 +116,29 @@ def load_config(cls, editor: str, backbone: str, path=None):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def with_overrides(cls, cfg, overrides) -> tuple:
+    """``cfg`` with ``KEY=VALUE`` overrides (``KEY`` dotted for nested sections, ``VALUE`` read as
+    YAML), type-checked like a config file: (new config, [(key, old value, new value)])."""
+    import yaml
+    data, changed = to_dict(cfg), []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. threshold=12.0 or train.lr=1.0e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: {text!r} is not a YAML value") from None
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise UserError(f"--set {item!r}: {cls.__name__} has no section {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise UserError(f"--set {item!r}: unknown key {key!r} for {cls.__name__}; known: {', '.join(node)}")
+        changed.append((key, node[leaf], value))
+        node[leaf] = value
+    return from_dict(cls, data, "--set"), changed
