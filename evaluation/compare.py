@@ -24,6 +24,7 @@ finishes the grid and gives the same table.
 """
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("-dsn", "--data_sample_n", type=int, default=None, help="use the first N records of the split")
     a("--ckpt", action="append", default=[], metavar="EDITOR=PATH",
       help="a trained checkpoint instead of training; repeat for several seeds (in --seeds order)")
+    a("--set", action="append", default=[], metavar="EDITOR.KEY=VALUE",
+      help="evaluate one editor with one config key overridden (test_vllm_edit.py --set KEY=VALUE), e.g. "
+           "serac.inference_threshold=12.0 over a checkpoint trained before that key; repeatable; its "
+           "cells run apart from those without it, and the table notes it")
     a("--general", default=None,
       help="general-capability set (test_vllm_edit.py --general); default: synth for SYNTH-* datasets, "
            "none for real ones; 'none' turns it off")
@@ -108,6 +113,17 @@ def parse_ckpts(items: list[str]) -> dict[str, list[str]]:
         if not sep or not name.strip() or not path.strip():
             raise UserError(f"--ckpt takes EDITOR=PATH, got {item!r}")
         out.setdefault(name.strip(), []).append(path.strip())
+    return out
+
+
+def parse_sets(items: list[str]) -> dict[str, list[str]]:
+    """``--set EDITOR.KEY=VALUE`` items -> {editor: ["KEY=VALUE", ...]}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        editor, dot, rest = item.partition(".")
+        if not dot or "=" not in rest:
+            raise UserError(f"--set takes EDITOR.KEY=VALUE (e.g. serac.inference_threshold=12.0), got {item!r}")
+        out.setdefault(editor, []).append(rest)
     return out
 
 
@@ -183,6 +199,9 @@ class Comparison:
         general = args.general if args.general is not None else ("synth" if self.spec.synthetic else "none")
         self.general = None if general.strip().lower() == "none" else general
         self.notes: list[str] = []
+        self.sets = parse_sets(args.set)
+        for editor, items in self.sets.items():
+            self.notes.append(f"`{editor}`: evaluated with `--set {' '.join(items)}`")
 
     # -- which cells ---------------------------------------------------------------------------
     def plan(self) -> list[tuple[str, list[int]]]:
@@ -202,8 +221,12 @@ class Comparison:
     def cell_file(self, editor: str, seed: int) -> Path:
         return self.out / "cells" / f"{editor}-s{seed}.json"
 
-    def postfix(self, seed: int) -> str:
-        return f"cmp-s{seed}" + (f"-n{self.args.data_sample_n}" if self.args.data_sample_n else "")
+    def postfix(self, seed: int, editor: str) -> str:
+        out = f"cmp-s{seed}" + (f"-n{self.args.data_sample_n}" if self.args.data_sample_n else "")
+        sets = self.sets.get(editor)
+        if sets:   # another evaluation than the plain cell's: its own run folder
+            out += "-set" + hashlib.sha256("\n".join(sets).encode()).hexdigest()[:8]
+        return out
 
     # -- training ------------------------------------------------------------------------------
     def _train_config(self, editor: str, seed: int):
@@ -282,7 +305,8 @@ class Comparison:
     def run_cell(self, editor: str, seed: int, given_ckpt: str | None) -> dict:
         from editors import EDITORS
         from evaluation.cli import main as evaluate
-        cell = {"editor": editor, "seed": seed, "status": "failed", "checkpoint": None, "train_seconds": None}
+        cell = {"editor": editor, "seed": seed, "status": "failed", "checkpoint": None, "train_seconds": None,
+                "set": self.sets.get(editor, [])}
         try:
             if EDITORS.get(editor).trainable:
                 if given_ckpt:
@@ -294,7 +318,7 @@ class Comparison:
                     cell["trained_by"] = "compare"
             argv = ["-en", editor, "-mn", self.backbone, "-dn", self.dataset, "--eval_at",
                     ",".join(map(str, self.points)), "--seed", str(seed), "--split", self.args.split,
-                    "-enp", self.postfix(seed), "--eval_batch_size", str(self.args.eval_batch_size),
+                    "-enp", self.postfix(seed, editor), "--eval_batch_size", str(self.args.eval_batch_size),
                     "--records_dir", str(self.records_dir), "--data_dir", str(self.data_dir), "-dvc", self.device]
             if self.args.data_sample_n:
                 argv += ["-dsn", str(self.args.data_sample_n)]
@@ -302,6 +326,8 @@ class Comparison:
                 argv += ["--model_path", self.args.model_path]
             if cell["checkpoint"]:
                 argv += ["-ckpt", cell["checkpoint"]]
+            for item in self.sets.get(editor, []):
+                argv += ["--set", item]
             if self.general:
                 argv += ["--general", self.general]
                 if self.args.general_n:

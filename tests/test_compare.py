@@ -5,8 +5,10 @@ import dataclasses
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import yaml
 
 import dummy_editor
 from compare_fixtures import write_general
@@ -14,6 +16,7 @@ from editors.ft_l import FTLEditor
 from evaluation.compare import main, training_seconds
 from fixtures import write_evqa
 from utils.GLOBAL import ROOT_PATH
+from utils.errors import UserError
 from vl_datasets import DATASETS
 
 TIMING = ("sec_per_edit_mean", "sec_per_edit_std", "train_seconds_mean", "train_seconds_std")
@@ -136,3 +139,18 @@ def test_figure_scripts_draw(tmp_path):
         spec.loader.exec_module(module)
         out = module.draw(tmp_path / f"{name}.png")
         assert out.is_file() and out.stat().st_size > 10_000
+
+
+def test_set_overrides_one_editors_config_in_its_own_runs(tiny_dirs, data, tmp_path):
+    """--set ft-l.steps=1: FT-L's cells run (apart from the plain ones) with the key replaced, the
+    table notes it, and a bad item is one clear error."""
+    base = main(argv(tiny_dirs, data, tmp_path / "r", "--editors", "ft-l"))["EVQA"]
+    plain = json.loads((base["out"] / "cells" / "ft-l-s0.json").read_text())
+    res = main(argv(tiny_dirs, data, tmp_path / "r", "--editors", "ft-l", "--set", "ft-l.steps=1"))["EVQA"]
+    cell = json.loads((res["out"] / "cells" / "ft-l-s0.json").read_text())
+    assert cell["set"] == ["steps=1"] and cell["run_dir"] != plain["run_dir"]
+    saved = yaml.safe_load((Path(cell["run_dir"]) / "config.yaml").read_text())
+    assert saved["editor_config"]["steps"] == 1
+    assert "`ft-l`: evaluated with `--set steps=1`" in (res["out"] / "table.md").read_text()
+    with pytest.raises(UserError, match="--set takes EDITOR.KEY=VALUE"):
+        main(argv(tiny_dirs, data, tmp_path / "r", "--editors", "ft-l", "--set", "steps=1"))

@@ -148,11 +148,14 @@ def test_misses_and_restore_are_exact(load_tiny, records):
     with torch.no_grad():
         plain = bb.logits(batch)
     never, always = Serac(bb, make_config(threshold=1e9)), Serac(bb, make_config(threshold=-1e9))
-    for ed in (never, always):
+    # inference_threshold replaces threshold at inference (training keeps anchoring at threshold)
+    never_too = Serac(bb, make_config(threshold=-1e9, inference_threshold=1e9))
+    for ed in (never, always, never_too):
         for r in records[:3]:
             ed.edit(r.edit)
     with torch.no_grad():
         assert not never.retrieve(batch)[2].any() and torch.equal(never.logits(batch), plain)
+        assert not never_too.retrieve(batch)[2].any()
         assert always.retrieve(batch)[2].all()
         hit = always.logits(batch)
     assert all(not torch.equal(hit[b], plain[b]) for b in range(len(samples)))

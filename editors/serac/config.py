@@ -63,6 +63,9 @@ class SeracConfig:
     train: SeracTrain
     loss_weights: SeracLossWeights = field(default_factory=SeracLossWeights)
     seed: int = 0           # initialisation of the projections and of the tiny models
+    inference_threshold: float | None = None   # the scope decision at evaluation (null: threshold). Training
+                            # anchors the scores at ``threshold``; where the trained classifier's in- and
+                            # out-of-scope scores separate best is found on val afterwards (--set)
 
     def __post_init__(self):
         self.classifier.check("serac.classifier")

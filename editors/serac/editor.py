@@ -96,10 +96,11 @@ class Serac(BaseEditor):
 
     @torch.no_grad()
     def retrieve(self, batch: VLBatch):
-        """Per sample: (top-1 score [B], its edit index [B], hit [B] = score >= threshold)."""
+        """Per sample: (top-1 score [B], its edit index [B], hit [B] = score >= the inference threshold)."""
         scores = self.net.scores(self.query_keys(batch), self.memory.keys)
         best, index = scores.max(1)
-        return best, index, best >= self.config.threshold
+        cut = self.config.inference_threshold
+        return best, index, best >= (self.config.threshold if cut is None else cut)
 
     def _counterfactual_logits(self, edits: list[torch.Tensor], batch: VLBatch) -> torch.Tensor:
         h = self.net.counterfactual_hidden(edits, batch.inputs_embeds, batch.lengths)
