@@ -109,7 +109,7 @@ def test_negative_pool_adds_earlier_edit_requests_as_hard_routing_columns(load_t
     last column and the target of hard_sentinel), the pool keeps at most its size, the same edit
     image is never contrasted, and the pool travels with training_memory() for an exact resume."""
     bb = load_tiny("blip2")
-    ed = LiveEdit(bb, config(negative_pool=4))
+    ed = LiveEdit(bb, config(negative_pool=4, negative_pool_rows="all"))
     first, second = records(images, 3), records(images[1:], 3)
     ed.training_losses(first)
     assert [e[3].shape[0] for e in ed.negative_pool] == [3]
@@ -129,17 +129,33 @@ def test_negative_pool_adds_earlier_edit_requests_as_hard_routing_columns(load_t
             assert bool(blocked[i, j]) == (r.edit.image == p.edit.image)
     assert [e[3].shape[0] for e in ed.negative_pool] == [3]           # 6 > 4: the oldest batch left
     # resume: another editor with the same weights, RNG and memory gives the same losses
-    other = LiveEdit(bb, config(negative_pool=4))
+    other = LiveEdit(bb, config(negative_pool=4, negative_pool_rows="all"))
     other.load_trainable_state_dict(ed.trainable_state_dict())
     other.set_rng_state(rng)
     other.set_training_memory(memory)
     again = other.training_losses(second)
     assert {k: float(v.detach()) for k, v in again.items()} == {k: float(v.detach()) for k, v in losses.items()}
     # without the memory the pool is empty and the hard losses differ
-    fresh = LiveEdit(bb, config(negative_pool=4))
+    fresh = LiveEdit(bb, config(negative_pool=4, negative_pool_rows="all"))
     fresh.load_trainable_state_dict(ed.trainable_state_dict())
     fresh.set_rng_state(rng)
     assert float(fresh.training_losses(second)["hard_sentinel"].detach()) != float(losses["hard_sentinel"].detach())
+    # negative_pool_rows "locality" (the default): only locality samples meet the pool
+    loc_only = LiveEdit(bb, config(negative_pool=4))
+    loc_only.load_trainable_state_dict(ed.trainable_state_dict())
+    loc_only.set_rng_state(rng)
+    loc_only.set_training_memory(memory)
+    rows_and_blocks = []
+
+    def spy_rows(ifeat, rows, phi_hat, blocked, pool=None):
+        rows_and_blocks.append((rows, pool[1]))
+        return original(ifeat, rows, phi_hat, blocked, pool)
+    monkeypatch.setattr(LiveEdit, "_hard_logits", staticmethod(spy_rows))
+    loc_only.training_losses(second)
+    for rows, block in rows_and_blocks:
+        for row, blocked_row in zip(rows.tolist(), block):
+            if row < 3 * 3:                                           # rel / gen samples: never
+                assert bool(blocked_row.all())
 
 
 def test_random_seed_flag_seeds_the_initialisation(tiny_dirs, tmp_path):

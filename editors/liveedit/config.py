@@ -71,10 +71,14 @@ class LiveEditConfig:
     # ``negative_pool`` training samples (their frozen layer-l_e states kept, features recomputed
     # with the current weights at each step) join both hard-routing contrasts as extra columns.
     negative_pool: int = 0
+    negative_pool_rows: str = "locality"   # which samples are contrasted with the pool: "locality" (the
+                                           # unrelated images, which must reject every edit) or "all" (rel
+                                           # and gen samples too, against other records' edits)
 
     def __post_init__(self):
         for name, allowed in (("routing_pairs", ("neighbourhood", "edit_requests")),
-                              ("expert_sets", ("prefix", "random")), ("sentinel_init", ("kaiming", "normal"))):
+                              ("expert_sets", ("prefix", "random")), ("sentinel_init", ("kaiming", "normal")),
+                              ("negative_pool_rows", ("locality", "all"))):
             if getattr(self, name) not in allowed:
                 raise UserError(f"liveedit.{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("attention_out_proj", "zero_init_v"):

@@ -352,7 +352,10 @@ class LiveEdit(BaseEditor):
         same_image = image_ids[:, None] == gather_rows(image_ids)[None]               # [R, G]
         same_image &= torch.arange(G, device=dev)[None] != (offset + torch.arange(R, device=dev))[:, None]
         pool_phi, pool_ids = self._pool_features()
-        pool = None if pool_phi is None else (pool_phi, image_ids[:, None] == pool_ids[None])   # [R, P]
+        pool = None
+        if pool_phi is not None:   # (features [P], same edit image [R, P], which of the 4R samples meet it [4R])
+            meets = torch.arange(4 * R, device=dev) >= (3 * R if self.config.negative_pool_rows == "locality" else 0)
+            pool = (pool_phi, image_ids[:, None] == pool_ids[None], meets)
         routing = (self._neighbourhood_routing if self.config.routing_pairs == "neighbourhood"
                    else self._edit_request_routing)
         losses.update(routing(ifeat, efeat, draws, offset, R, G, same_image, pool))
@@ -368,6 +371,16 @@ class LiveEdit(BaseEditor):
         if t.shape[1] > 1:
             absolute = absolute - F.logsigmoid(-t[~own]).mean()
         return {"soft_relative": F.cross_entropy(t, own.float().argmax(1)), "soft_absolute": absolute}
+
+    @staticmethod
+    def _pool_columns(pool, rows, records):
+        """The pool's (features, blocked [A, P]) for input rows ``rows`` of the 4R samples belonging to
+        records ``records`` [A]: blocked where the record edits the same image, or the row does not
+        meet the pool (``negative_pool_rows``); None without a pool."""
+        if pool is None:
+            return None
+        phi, same_image, meets = pool
+        return phi, same_image[records] | ~meets[rows][:, None]
 
     @staticmethod
     def _hard_logits(ifeat, rows, phi_hat, blocked, pool=None) -> torch.Tensor:
@@ -401,8 +414,10 @@ class LiveEdit(BaseEditor):
         own = torch.arange(G, device=dev)[None] == (offset + j)[:, None]              # [R, G]
         out = self._soft_losses(similarity(ifeat.psi[a], gather_rows(efeat.psi[b])), own)
         out["hard_neighbour"] = F.cross_entropy(
-            self._hard_logits(ifeat, a, gather_rows(efeat.phi[b]), same_image, pool), offset + j)
-        sentinel_logits = self._hard_logits(ifeat, a2, gather_rows(efeat.phi[b2]), same_image, pool)
+            self._hard_logits(ifeat, a, gather_rows(efeat.phi[b]), same_image, self._pool_columns(pool, a, j)),
+            offset + j)
+        sentinel_logits = self._hard_logits(ifeat, a2, gather_rows(efeat.phi[b2]), same_image,
+                                            self._pool_columns(pool, a2, j))
         sentinel = torch.full((R,), sentinel_logits.shape[1] - 1, dtype=torch.long, device=dev)
         out["hard_sentinel"] = F.cross_entropy(sentinel_logits, sentinel)
         return out
@@ -418,10 +433,10 @@ class LiveEdit(BaseEditor):
         out = self._soft_losses(similarity(ifeat.psi[rows], gather_rows(efeat.psi[:R])), own)
         phi_hat = gather_rows(efeat.phi[:R])
         blocked = same_image.repeat(3, 1)
-        pool3 = None if pool is None else (pool[0], pool[1].repeat(3, 1))
+        pool3 = self._pool_columns(pool, rows, rows % R)
         out["hard_neighbour"] = F.cross_entropy(self._hard_logits(ifeat, rows, phi_hat, blocked, pool3), owner)
         loc = torch.arange(3 * R, 4 * R, device=dev)
-        pool_loc = None if pool is None else (pool[0], torch.zeros_like(pool[1]))
+        pool_loc = self._pool_columns(pool, loc, loc - 3 * R)
         sentinel_logits = torch.cat([self._hard_logits(ifeat, rows, phi_hat, blocked | own, pool3),
                                      self._hard_logits(ifeat, loc, phi_hat, torch.zeros_like(same_image), pool_loc)])
         sentinel = torch.full((4 * R,), sentinel_logits.shape[1] - 1, dtype=torch.long, device=dev)
