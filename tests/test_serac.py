@@ -91,7 +91,7 @@ def test_configs_load_for_every_backbone(backbone):
 
 def test_config_keys_and_values_are_checked(tmp_path, load_tiny, monkeypatch):
     good = (ROOT / "configs" / "serac" / "tiny-blip2.yaml").read_text()
-    cases = {"unknown key 'treshold'": good.replace("threshold:", "treshold:"),
+    cases = {"unknown key 'treshold'": good.replace("\nthreshold:", "\ntreshold:"),
              "missing key 'anchor_in_scope'": good.replace("anchor_in_scope:", "# anchor_in_scope:"),
              "serac.classifier.hidden: expected a positive integer": good.replace("hidden: 128", "hidden: -8", 1),
              "serac.classifier: hidden=128 is not divisible by heads=3": good.replace("heads: 4", "heads: 3"),
