@@ -10,10 +10,16 @@ the queries of every record edited so far,
         --points 10,100,1000
 
 Errors of a growing repository come either from experts leaking into unrelated images (M-Loc falls,
-"leak" rises) or from the own expert being drowned (own kept but its weight share falls).
+"leak" rises) or from the own expert being drowned (own kept but its weight share falls). On a
+synthetic dataset it also says which experts leak: how many of the picture's attributes (shape
+colour, background, frame) each leaked expert's edit image shares with the unrelated image, against
+the rate of random pairs (``near_misses``).
 """
 import argparse
+import collections
 import json
+import random
+import re
 import sys
 from pathlib import Path
 
@@ -52,6 +58,37 @@ def point_stats(editor, records) -> dict:
                        own_top=float((w.argmax(1) == own)[own_kept].float().mean()) if own_kept.any() else 0.0)
         out[name] = row
     return out
+
+
+ATTRIBUTES = ("color", "background", "frame")
+
+
+def near_misses(records, kept, attributes_of) -> dict:
+    """For the M-Loc queries' leaked experts ([n, N] ``kept``): the share of (query, leaked expert)
+    pairs by how many ``ATTRIBUTES`` the two images share, beside the share among random pairs.
+    ``attributes_of(image_path)`` gives an image's attribute tuple."""
+    leaked = collections.Counter()
+    for i, r in enumerate(records):
+        query = attributes_of(r.image_loc.image)
+        for k in kept[i].nonzero().flatten().tolist():
+            leaked[sum(a == b for a, b in zip(query, attributes_of(records[k].edit.image)))] += 1
+    rng, chance = random.Random(0), collections.Counter()
+    for _ in range(20000):
+        a, b = rng.choice(records), rng.choice(records)
+        chance[sum(x == y for x, y in zip(attributes_of(a.image_loc.image), attributes_of(b.edit.image)))] += 1
+    total = max(1, sum(leaked.values()))
+    return {"pairs": sum(leaked.values()),
+            "shared": {n: round(leaked[n] / total, 3) for n in range(len(ATTRIBUTES) + 1)},
+            "random": {n: round(chance[n] / 20000, 3) for n in range(len(ATTRIBUTES) + 1)}}
+
+
+def synthetic_attributes(world_dir: Path):
+    """image path -> (colour, background, frame) of its entity (file names start with the entity id)."""
+    entities = {e["id"]: tuple(e[a] for a in ATTRIBUTES) for e in json.loads((world_dir / "entities.json").read_text())}
+
+    def attributes_of(path) -> tuple:
+        return entities[re.search(r"(e\d+)_", Path(str(path)).name).group(1)]
+    return attributes_of
 
 
 def table(rows) -> str:
@@ -105,13 +142,24 @@ def main(argv=None):
                       from_dict(LiveEdit.config_class, saved, f"{source}: editor_config"))
     load_checkpoint(editor, weights)
     editor.eval()
+    from utils.GLOBAL import DATA_DIR
+    world_dir = (Path(a.data_dir) if a.data_dir else DATA_DIR) / "synthetic"
+    attributes_of = synthetic_attributes(world_dir) if a.data_name.startswith("SYNTH") else None
     rows, done = [], 0
     for n in points:
         editor.edit_batch([r.edit for r in records[done:n]])
         done = n
         rows.append(point_stats(editor, records[:n]))
+        if attributes_of is not None:
+            kept, _ = routing_of(editor, [r.image_loc for r in records[:n]])
+            rows[-1]["M-Loc"]["near_misses"] = near_misses(records[:n], kept, attributes_of)
         print(f"{n} edits: {json.dumps(rows[-1])}", file=sys.stderr)
     print(table(rows))
+    for r in rows:
+        nm = r["M-Loc"].get("near_misses")
+        if nm:
+            print(f"{r['n_edits']} edits: {nm['pairs']} leaked (M-Loc image, expert) pairs; share by attributes "
+                  f"shared (of {', '.join(ATTRIBUTES)}): {nm['shared']}; random pairs: {nm['random']}")
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
     return rows

@@ -198,3 +198,21 @@ def test_routing_stats_count_kept_experts_and_leaks(load_tiny, images):
     ed.edit_batch([r.edit for r in recs])
     none = routing_stats.point_stats(ed, recs)
     assert none["Rel"]["kept_mean"] == 0 and none["M-Loc"]["any_kept"] == 0.0
+
+
+def test_near_misses_count_shared_attributes_of_leaked_experts():
+    """routing_stats.near_misses: each (M-Loc image, leaked expert) pair is counted by how many
+    attributes the two images share; shares sum to 1."""
+    from scripts.routing_stats import near_misses
+    q = "What color is the shape? The answer is:"
+    recs = [EditRecord(i, edit=Sample(q, "red", f"edit{i}.png"), text_rephrase=Sample(q, "red", f"edit{i}.png"),
+                       image_rephrase=Sample(q, "red", f"reph{i}.png"), text_loc=Sample("nq question: x", "y"),
+                       image_loc=Sample(q, "red", f"loc{i}.png")) for i in range(3)]
+    attrs = {f"edit{i}.png": ("red", "blue", "green") for i in range(3)}
+    attrs.update({f"loc{i}.png": ("pink", "grey", "black") for i in range(3)})
+    attrs["loc0.png"] = ("red", "blue", "white")                      # 2 shared with every edit image
+    kept = torch.zeros(3, 3, dtype=torch.bool)
+    kept[0, 1] = kept[0, 2] = kept[1, 0] = True                        # 2 leaks of loc0, 1 of loc1
+    out = near_misses(recs, kept, lambda path: attrs[path])
+    assert out["pairs"] == 3 and out["shared"] == {0: round(1 / 3, 3), 1: 0.0, 2: round(2 / 3, 3), 3: 0.0}
+    assert abs(sum(out["random"].values()) - 1.0) < 1e-2 and out["random"][0] > out["random"][2] > 0
