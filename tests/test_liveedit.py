@@ -265,6 +265,13 @@ def test_repository_routing_rule():
     expect = torch.softmax(t[[0, 2]], 0) * torch.sigmoid(t[[0, 2]])
     torch.testing.assert_close(weights[0, [0, 2]], expect)
     assert weights[0, 1] == 0 and not weights[1].any()
+    # max_kept 1: of experts 0 and 2 (visual sims 1 and 1.5 with this query), only the more similar
+    phi[0] = torch.tensor([[2.0, 1.0, 0, 0]] * 2)             # sims 1, 0.5, 1.5 against the sentinel's 0.5
+    assert repo.route(phi, psi, sentinel)[1][0].tolist() == [True, False, True]
+    weights, kept = repo.route(phi, psi, sentinel, max_kept=1)
+    assert kept.tolist() == [[False, False, True], [False, False, False]]
+    torch.testing.assert_close(weights[0, 2], torch.sigmoid(t[2]))   # softmax over the one kept expert
+    assert repo.route(phi, psi, sentinel, max_kept=5)[1][0].tolist() == [True, False, True]
 
 
 # ---- persistence ---------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class LiveEditConfig:
     # ``negative_pool`` training samples (their frozen layer-l_e states kept, features recomputed
     # with the current weights at each step) join both hard-routing contrasts as extra columns.
     negative_pool: int = 0
+    # Inference only, not in the paper (null: off): of the experts that pass hard filtering, keep at most
+    # this many, the most visually similar. Bounds the residual's cost when a query passes many experts.
+    max_kept: int | None = None
     negative_pool_rows: str = "locality"   # which samples are contrasted with the pool: "locality" (the
                                            # unrelated images, which must reject every edit) or "all" (rel
                                            # and gen samples too, against other records' edits)
@@ -84,6 +87,8 @@ class LiveEditConfig:
         for name in ("attention_out_proj", "zero_init_v"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"liveedit.{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.max_kept is not None and (isinstance(self.max_kept, bool) or self.max_kept < 1):
+            raise UserError(f"liveedit.max_kept: expected a positive integer or null, got {self.max_kept!r}")
         if isinstance(self.negative_pool, bool) or self.negative_pool < 0:
             raise UserError(f"liveedit.negative_pool: expected an integer >= 0, got {self.negative_pool!r}")
         for name in ("d_m", "heads", "rank", "n_queries"):

@@ -155,7 +155,7 @@ class LiveEdit(BaseEditor):
             return rows, torch.zeros(0, n, device=dev), torch.zeros(0, n, dtype=torch.bool, device=dev)
         sub = select_rows(batch, rows)
         feats = self._input_side(hidden[rows], sub)
-        weights, kept = self.repository.route(feats.phi, feats.psi, feats.phi_sentinel)
+        weights, kept = self.repository.route(feats.phi, feats.psi, feats.phi_sentinel, self.config.max_kept)
         return rows, weights, kept
 
     def _routing(self, hidden: torch.Tensor, batch: VLBatch):

@@ -62,15 +62,20 @@ class ExpertRepository:
         return self.rows.row_bytes()
 
     # ---- routing ----------------------------------------------------------------------------
-    def route(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor):
+    def route(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None):
         """Input-side features of B queries [B, k, d_m] -> (weights [B, N], kept [B, N] bool).
 
         Hard filtering keeps expert i iff ``sim(phi, phi_hat_i) > sim(phi, phi_S)``; soft routing over
         the kept ones gives ``w_i = softmax(t)_i * sigmoid(t_i)`` with ``t_i = sim(psi, psi_hat_i)``.
-        Weights are exactly 0 outside the kept set."""
+        Weights are exactly 0 outside the kept set. ``max_kept``: of the experts that pass, only the
+        ``max_kept`` most visually similar are kept (not in the paper; None: all)."""
         dt = self.dtype
         phi, psi, phi_sentinel = phi.to(dt), psi.to(dt), phi_sentinel.to(dt)
-        kept = similarity(phi, self.tensor("phi")) > paired_similarity(phi, phi_sentinel)[:, None]
+        visual = similarity(phi, self.tensor("phi"))
+        kept = visual > paired_similarity(phi, phi_sentinel)[:, None]
+        if max_kept is not None and kept.shape[1] > max_kept and bool((kept.sum(1) > max_kept).any()):
+            top = visual.masked_fill(~kept, float("-inf")).topk(max_kept, dim=1).indices
+            kept &= torch.zeros_like(kept).scatter_(1, top, True)
         weights = torch.zeros(kept.shape, device=kept.device, dtype=dt)
         cols = kept.any(0).nonzero().flatten()
         if cols.numel() == 0:
