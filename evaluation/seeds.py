@@ -146,6 +146,10 @@ def run_seeds(args) -> dict:
     config_path = Path(args.config) if args.config else default_config(args.editor_name, backbone)
     if args.eval_at is None and args.sequential_edit_n is None:
         raise UserError("give --eval_at (one stream, tested at each point) or -sen (chunks of T edits)")
+    sets = list(getattr(args, "set", None) or [])
+    args.set = sets
+    # evaluations with overridden keys are other runs than the plain ones: their own names
+    set_suffix = ("-set" + hashlib.sha256("\n".join(sets).encode()).hexdigest()[:8]) if sets else ""
     per_seed, trained = {}, {}
     for seed in seeds:
         ckpt = given.get(seed)
@@ -156,7 +160,9 @@ def run_seeds(args) -> dict:
                                        model_path=args.model_path, device=args.device)
             ckpt = trained[seed]["checkpoint"]
         argv = ["-en", args.editor_name, "-mn", backbone, "-dn", dataset, "--split", args.split,
-                "-enp", f"seed{seed}", "--seed", str(seed)]
+                "-enp", f"seed{seed}{set_suffix}", "--seed", str(seed)]
+        for item in args.set:
+            argv += ["--set", item]
         argv += ["--eval_at", args.eval_at] if args.eval_at else ["-sen", str(args.sequential_edit_n)]
         for flag, value in (("-ckpt", ckpt), ("-dsn", args.data_sample_n), ("--records_dir", args.records_dir),
                             ("--data_dir", args.data_dir), ("--model_path", args.model_path), ("-dvc", args.device),
@@ -170,10 +176,11 @@ def run_seeds(args) -> dict:
     rows = aggregate(per_seed)
     mode = f"eval_at_{args.eval_at.replace(',', '_')}" if args.eval_at else f"sequential_edit_{args.sequential_edit_n}"
     out_dir = (Path(args.records_dir or RECORDS_DIR) / "seeds" / args.editor_name / backbone / args.split
-               / dataset / mode / ("seeds_" + "_".join(map(str, seeds))))
-    title = f"{args.editor_name} on {backbone}, {dataset} ({args.split} split)"
+               / dataset / mode / ("seeds_" + "_".join(map(str, seeds)) + set_suffix))
+    title = f"{args.editor_name} on {backbone}, {dataset} ({args.split} split)" + \
+        (f", --set {' '.join(sets)}" if sets else "")
     summary = {"editor": args.editor_name, "backbone": backbone, "dataset": dataset, "split": args.split,
-               "seeds": seeds, "config": str(config_path), "rows": rows,
+               "seeds": seeds, "config": str(config_path), "set": sets, "rows": rows,
                "training": {str(s): {"checkpoint": str(t["checkpoint"]), "train_seconds": t["train_seconds"]}
                             for s, t in trained.items()}}
     write_json(out_dir / "summary.json", summary)

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_data", help="training dataset (default: -dn)")
     p.add_argument("--train_n", type=int, help="first N training records")
     p.add_argument("--config", help="editor config YAML for training (default configs/<editor>/<backbone>.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate with one editor config key overridden (test_vllm_edit.py --set), e.g. "
+                        "max_kept=2 over checkpoints trained before the key; repeatable")
     p.add_argument("--eval_batch_size", type=int)
     p.add_argument("-dvc", "--device")
     p.add_argument("--records_dir")

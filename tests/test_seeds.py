@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 import dummy_editor
 from evaluation.seeds import aggregate, mean_std
@@ -47,6 +48,15 @@ def test_seeds_train_evaluate_aggregate_and_reuse(tiny_dirs, tmp_path):
         again = seeds_script.main(argv)
         assert sorted((tmp_path / "rec" / "dummy-residual" / "tiny-blip2" / "EVQA").glob("seeds*")) == runs
         assert again["rows"] == rows
+        # --set: the same checkpoints evaluated with a key overridden, as other runs, without retraining
+        dropped = seeds_script.main(argv + ["--set", "dropout=0.5"])
+        assert sorted((tmp_path / "rec" / "dummy-residual" / "tiny-blip2" / "EVQA").glob("seeds*")) == runs
+        assert dropped["set"] == ["dropout=0.5"]
+        evals = sorted(p.name for p in (tmp_path / "rec" / "dummy-residual" / "tiny-blip2" / "eval").iterdir())
+        assert len(evals) == 4 and sum("-set" in e for e in evals) == 2
+        saved = yaml.safe_load(next((tmp_path / "rec" / "dummy-residual" / "tiny-blip2" / "eval").glob(
+            "EVQA-seed0-set*/eval_at_1_2/config.yaml")).read_text())
+        assert saved["editor_config"]["dropout"] == 0.5
     finally:
         dummy_editor.unregister()
 
