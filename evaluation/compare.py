@@ -24,7 +24,6 @@ finishes the grid and gives the same table.
 """
 import argparse
 import csv
-import hashlib
 import io
 import json
 import math
@@ -34,6 +33,7 @@ import time
 import traceback
 from pathlib import Path
 
+from utils.config import overrides_suffix
 from utils.errors import UserError
 from utils.io import read_json, write_json, write_text
 
@@ -223,10 +223,7 @@ class Comparison:
 
     def postfix(self, seed: int, editor: str) -> str:
         out = f"cmp-s{seed}" + (f"-n{self.args.data_sample_n}" if self.args.data_sample_n else "")
-        sets = self.sets.get(editor)
-        if sets:   # another evaluation than the plain cell's: its own run folder
-            out += "-set" + hashlib.sha256("\n".join(sets).encode()).hexdigest()[:8]
-        return out
+        return out + overrides_suffix(self.sets.get(editor, []))   # --set: a run folder of its own
 
     # -- training ------------------------------------------------------------------------------
     def _train_config(self, editor: str, seed: int):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from evaluation.results import METRIC_NAMES
 from evaluation.scoring import METRICS
+from utils.config import overrides_suffix
 from utils.errors import UserError
 from utils.io import write_json, write_text
 
@@ -147,9 +148,7 @@ def run_seeds(args) -> dict:
     if args.eval_at is None and args.sequential_edit_n is None:
         raise UserError("give --eval_at (one stream, tested at each point) or -sen (chunks of T edits)")
     sets = list(getattr(args, "set", None) or [])
-    args.set = sets
-    # evaluations with overridden keys are other runs than the plain ones: their own names
-    set_suffix = ("-set" + hashlib.sha256("\n".join(sets).encode()).hexdigest()[:8]) if sets else ""
+    set_suffix = overrides_suffix(sets)   # evaluations with overrides are other runs: their own names
     per_seed, trained = {}, {}
     for seed in seeds:
         ckpt = given.get(seed)
@@ -161,7 +160,7 @@ def run_seeds(args) -> dict:
             ckpt = trained[seed]["checkpoint"]
         argv = ["-en", args.editor_name, "-mn", backbone, "-dn", dataset, "--split", args.split,
                 "-enp", f"seed{seed}{set_suffix}", "--seed", str(seed)]
-        for item in args.set:
+        for item in sets:
             argv += ["--set", item]
         argv += ["--eval_at", args.eval_at] if args.eval_at else ["-sen", str(args.sequential_edit_n)]
         for flag, value in (("-ckpt", ckpt), ("-dsn", args.data_sample_n), ("--records_dir", args.records_dir),

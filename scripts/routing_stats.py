@@ -43,7 +43,9 @@ def routing_of(editor, samples, batch_size=16):
     return torch.cat(kept), torch.cat(weights)
 
 
-def point_stats(editor, records) -> dict:
+def point_stats(editor, records, attributes_of=None) -> dict:
+    """Routing figures of every kind of query against the current repository; with
+    ``attributes_of`` (synthetic datasets) also the M-Loc leaks' ``near_misses``."""
     n = len(records)
     out = {"n_edits": n}
     own = torch.arange(n)
@@ -56,6 +58,8 @@ def point_stats(editor, records) -> dict:
             row.update(own_kept=float(own_kept.float().mean()),
                        own_weight_share=float(share[own_kept].mean()) if own_kept.any() else 0.0,
                        own_top=float((w.argmax(1) == own)[own_kept].float().mean()) if own_kept.any() else 0.0)
+        elif attributes_of is not None:
+            row["near_misses"] = near_misses(records, kept, attributes_of)
         out[name] = row
     return out
 
@@ -149,10 +153,7 @@ def main(argv=None):
     for n in points:
         editor.edit_batch([r.edit for r in records[done:n]])
         done = n
-        rows.append(point_stats(editor, records[:n]))
-        if attributes_of is not None:
-            kept, _ = routing_of(editor, [r.image_loc for r in records[:n]])
-            rows[-1]["M-Loc"]["near_misses"] = near_misses(records[:n], kept, attributes_of)
+        rows.append(point_stats(editor, records[:n], attributes_of))
         print(f"{n} edits: {json.dumps(rows[-1])}", file=sys.stderr)
     print(table(rows))
     for r in rows:

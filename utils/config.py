@@ -118,6 +118,12 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def overrides_suffix(overrides) -> str:
+    """A run-name suffix that tells evaluations with ``--set`` overrides apart ('' without any)."""
+    import hashlib
+    return "-set" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8] if overrides else ""
+
+
 def with_overrides(cls, cfg, overrides) -> tuple:
     """``cfg`` with ``KEY=VALUE`` overrides (``KEY`` dotted for nested sections, ``VALUE`` read as
     YAML), type-checked like a config file: (new config, [(key, old value, new value)])."""
