@@ -82,11 +82,85 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default=None,
       help="output folder (default: <records>/compare/<backbone>/<dataset>[-<split>]; one dataset)")
     a("--no_run", action="store_true", help="only rebuild the tables from the finished cells")
+    a("--jobs", type=int, default=1,
+      help="with several -dn: run the datasets in this many processes at once, each on "
+           "max(1, cores // jobs) threads, logging to <out>/compare.log; then write the tables (1)")
     a("--results_md", default=None, help="also write the README 'Results' block for every dataset to this file")
     a("--figures", default=None, help="copy each curves.png to DIR/results-<backbone>-<dataset>.png")
     a("--update_readme", action="store_true",
       help="replace the Results block of README.md (between its compare markers); copies the curves to figures/")
     return p
+
+
+# ---- datasets in parallel ---------------------------------------------------------------------------
+PARENT_ONLY = ("data_name", "jobs", "update_readme", "results_md", "figures", "no_run")
+
+
+def child_argv(parser: argparse.ArgumentParser, args, dataset: str) -> list[str]:
+    """The command line of one dataset's process: ``args`` without what only the parent does."""
+    argv = ["-dn", dataset]
+    for action in parser._actions:
+        if action.dest in PARENT_ONLY or not action.option_strings or not hasattr(args, action.dest):
+            continue
+        value, flag = getattr(args, action.dest), action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                argv += [flag, item]
+        elif value is not None and value != action.default:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_datasets_in_parallel(parser, args, datasets: list[str], outs: dict[str, Path]) -> None:
+    """Each dataset's grid in a process of its own, ``args.jobs`` at a time; each one logs to
+    ``<out>/compare.log``. The parent reports starts, ends and, once a minute, what each is doing."""
+    import os
+    import subprocess
+    from utils.GLOBAL import ROOT_PATH as ROOT
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    print(f"compare: {len(datasets)} datasets, {args.jobs} processes at once, {threads} thread(s) each",
+          file=sys.stderr)
+    pending, running, failed = list(datasets), {}, []
+    last_report = time.monotonic()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            dataset = pending.pop(0)
+            log = outs[dataset] / "compare.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log, "a", encoding="utf-8")
+            cmd = [sys.executable, "-m", "scripts.compare"] + child_argv(parser, args, dataset)
+            running[dataset] = (subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                                handle, log, time.monotonic())
+            print(f"compare: {dataset} started (log: {log})", file=sys.stderr)
+        time.sleep(2)
+        for dataset, (proc, handle, log, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            handle.close()
+            del running[dataset]
+            took = _human_seconds(time.monotonic() - start)
+            if proc.returncode:
+                failed.append(f"{dataset} (exit {proc.returncode}, see {log})")
+            print(f"compare: {dataset} {'failed' if proc.returncode else 'finished'} after {took}", file=sys.stderr)
+        if running and time.monotonic() - last_report > 60:
+            last_report = time.monotonic()
+            for dataset, (_, _, log, _) in running.items():
+                print(f"  {dataset}: {_last_step(log)}", file=sys.stderr)
+    if failed:
+        raise UserError(f"compare: {len(failed)} dataset process(es) failed: {'; '.join(failed)}")
+
+
+def _last_step(log: Path) -> str:
+    """The last ``compare:`` line of a dataset's log (which cell it is on)."""
+    try:
+        lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()
+                 if ln.startswith("compare: ")]
+    except OSError:
+        return "starting"
+    return lines[-1][len("compare: "):] if lines else "starting"
 
 
 # ---- small helpers ----------------------------------------------------------------------------------
@@ -560,13 +634,15 @@ def replace_block(text: str, block: str) -> str:
 
 def main(argv=None) -> dict:
     """Run the comparison(s); returns {dataset: {"out", "rows", "markdown"}}."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from backbones import resolve_backbone_name
     from utils.GLOBAL import RECORDS_DIR, ROOT_PATH
     from vl_datasets import get_dataset_spec
 
     for value, flag in ((args.data_sample_n, "-dsn"), (args.general_n, "--general_n"), (args.train_bs, "--train_bs"),
-                        (args.train_steps, "--train_steps"), (args.eval_batch_size, "--eval_batch_size")):
+                        (args.train_steps, "--train_steps"), (args.eval_batch_size, "--eval_batch_size"),
+                        (args.jobs, "--jobs")):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     backbone = resolve_backbone_name(args.edit_model_name)
@@ -583,9 +659,13 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     results, blocks = {}, []
     figures = Path(args.figures) if args.figures else (ROOT_PATH / "figures" if args.update_readme else None)
+    outs = {d: Path(args.out) if args.out else
+            records_dir / "compare" / backbone / (d if args.split == "eval" else f"{d}-{args.split}") for d in datasets}
+    if args.jobs > 1 and len(datasets) > 1 and not args.no_run:
+        run_datasets_in_parallel(parser, args, datasets, outs)
+        args.no_run = True   # every cell is done: what is left is the tables
     for dataset in datasets:
-        name = dataset if args.split == "eval" else f"{dataset}-{args.split}"
-        out = Path(args.out) if args.out else records_dir / "compare" / backbone / name
+        out = outs[dataset]
         comp = Comparison(args, dataset, out)
         cells = comp.finished_cells() if args.no_run else comp.run()
         rows = comp.collect(cells)

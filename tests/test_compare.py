@@ -154,3 +154,37 @@ def test_set_overrides_one_editors_config_in_its_own_runs(tiny_dirs, data, tmp_p
     assert "`ft-l`: evaluated with `--set steps=1`" in (res["out"] / "table.md").read_text()
     with pytest.raises(UserError, match="--set takes EDITOR.KEY=VALUE"):
         main(argv(tiny_dirs, data, tmp_path / "r", "--editors", "ft-l", "--set", "steps=1"))
+
+
+def test_jobs_runs_datasets_in_processes_of_their_own(tiny_dirs, data, tmp_path):
+    d, general = data
+    caption = d / "easy-edit-mm" / "caption"   # an E-IC copy of the E-VQA records: same schema
+    caption.mkdir(exist_ok=True)
+    for split in ("train", "eval"):
+        shutil.copyfile(d / "easy-edit-mm" / "vqa" / "vqa_eval.json", caption / f"caption_{split}_edit.json")
+    grid = ["--editors", "none,ft-l", "-dsn", "2"]
+
+    def run(records, *extra):
+        args = argv(tiny_dirs, data, records, *grid, *extra)
+        args[args.index("-dn") + 1] = "EVQA,EIC"
+        return main(args)
+
+    serial = run(tmp_path / "serial")
+    parallel = run(tmp_path / "parallel", "--jobs", "2", "--results_md", str(tmp_path / "results.md"))
+    for name in ("EVQA", "EIC"):
+        out = parallel[name]["out"]
+        assert "compare: none (seed 0) on tiny-blip2" in (out / "compare.log").read_text()
+        assert table(out) == table(serial[name]["out"]) and len(table(out)) == 4
+    assert "--jobs 2" in (tmp_path / "results.md").read_text()
+
+
+def test_child_argv_keeps_what_the_dataset_needs():
+    from evaluation.compare import build_parser, child_argv
+    parser = build_parser()
+    args = parser.parse_args(["-mn", "tiny-blip2", "-dn", "A,B", "--jobs", "3", "--update_readme", "--set", "x.k=1",
+                              "--set", "y.k=2", "--seeds", "0,1", "--all_seeds", "-dsn", "5"])
+    child = parser.parse_args(child_argv(parser, args, "B"))
+    assert child.data_name == "B" and child.jobs == 1 and not child.update_readme
+    assert (child.set, child.seeds, child.all_seeds, child.data_sample_n) == (["x.k=1", "y.k=2"], "0,1", True, 5)
+    with pytest.raises(UserError, match="--jobs must be a positive integer"):
+        main(["-mn", "tiny-blip2", "-dn", "EVQA", "--jobs", "0"])

@@ -79,6 +79,32 @@ def test_backbone_of_another_world_is_rebuilt(small_world, tmp_path, monkeypatch
     (path / "pretrain_report.json").write_text(json.dumps(report))
     pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
     assert calls == ["tiny-llava"] * 3  # built by an older recipe: rebuilt
+    from dataclasses import asdict
+    report = {"built_from": pretrain.build_identity(small_world), "config": asdict(pretrain.default_config("tiny-llava"))}
+    del report["config"]["threads"]   # a key added after a build counts as its default
+    (path / "pretrain_report.json").write_text(json.dumps(report))
+    pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
+    assert calls == ["tiny-llava"] * 3  # the default config: kept
+    report["config"]["seed"] += 1
+    (path / "pretrain_report.json").write_text(json.dumps(report))
+    pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
+    assert calls == ["tiny-llava"] * 4  # the default config changed since: rebuilt
+
+
+def test_non_default_build_needs_its_own_folder(capsys):
+    # the default folder holds the default build; another one there would be replaced on first use
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--backbone", "tiny-blip2", "--seed", "0"])
+    assert e.value.code == 2
+    assert "goes to --out FOLDER" in capsys.readouterr().err
+
+
+def test_build_runs_on_its_own_thread_count(small_world, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pretrain, "_pretrain_into", lambda *a: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    pretrain_tiny("tiny-blip2", tmp_path / "b", small_world, PretrainConfig(threads=3), progress=False)
+    assert seen == [3] and torch.get_num_threads() == before
 
 
 def test_unknown_tiny_backbone(tmp_path):
