@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from editors import EDITORS
 from editors.liveedit import ExpertRepository, LiveEdit, LiveEditConfig, LiveEditLossWeights, LiveEditTrain
 from editors.liveedit.editor import span_masks
+from editors.liveedit.modules import similarity
 from utils.config import load_config
 from utils.errors import UserError
 from utils.losses import masked_nll
@@ -272,6 +273,45 @@ def test_repository_routing_rule():
     assert kept.tolist() == [[False, False, True], [False, False, False]]
     torch.testing.assert_close(weights[0, 2], torch.sigmoid(t[2]))   # softmax over the one kept expert
     assert repo.route(phi, psi, sentinel, max_kept=5)[1][0].tolist() == [True, False, True]
+
+
+def test_filter_index_routes_exactly_like_a_full_scan():
+    """The low-rank bound skips experts without changing routing: the same kept sets and weights as
+    scoring every expert, across appends, a refit (at twice the fitted size) and max_kept; and on
+    features with no low-rank structure, where it cannot prune, it scores everything."""
+    from editors.liveedit.index import LowRankBound
+    k, d_m, g = 4, 16, torch.Generator().manual_seed(0)
+
+    def low_rank(n):   # rank-6 features plus a little noise, like the trained extractors'
+        return (torch.randn(n, 6, generator=g) @ mixing + 0.05 * torch.randn(n, k * d_m, generator=g)).view(n, k, d_m)
+
+    mixing = torch.randn(6, k * d_m, generator=g)
+    plain, indexed = ExpertRepository(k, d_m, 2, 6), ExpertRepository(k, d_m, 2, 6, index=LowRankBound(8, 500))
+    scored = []
+    original = indexed._candidates
+    indexed._candidates = lambda *a: scored.append(original(*a)) or scored[-1]
+    for n in (300, 400, 700, 900):   # 300: no index; fitted at 700, again at 1,400; at 2,300 new rows projected
+        phi_hat, psi_hat = low_rank(n), torch.randn(n, k, d_m, generator=g)
+        UV = torch.randn(n, 2, 6, generator=g), torch.randn(n, 2, 6, generator=g)
+        for repo in (plain, indexed):
+            repo.append(phi_hat, psi_hat, *UV, [{}] * n)
+        phi, psi = low_rank(16), torch.randn(16, k, d_m, generator=g)
+        sims = similarity(phi, plain.tensor("phi"))
+        fifth = sims.topk(5, dim=1).values[:, -1] - 1e-3           # about five experts pass per query
+        sentinel = phi * (fifth * k * d_m ** 0.5 / phi.flatten(1).pow(2).sum(1))[:, None, None]
+        for max_kept in (None, 2):
+            (w0, k0), (w1, k1) = (r.route(phi, psi, sentinel, max_kept) for r in (plain, indexed))
+            assert torch.equal(k0, k1) and 2 <= k0.sum(1).float().mean() <= 6
+            torch.testing.assert_close(w0, w1, rtol=0, atol=1e-6)
+    assert scored[0] is None                              # 300 experts: under filter_index_min
+    assert all(s is not None and len(s) < len(plain) / 4 for s in scored[2:])   # a fraction is scored
+    assert indexed.index.fitted_at == 1400 and len(indexed.index.rows) == 2300
+    indexed.clear()
+    assert indexed.index.rows is None
+    unstructured = torch.randn(2000, k, d_m, generator=g)     # full rank: the bound rules out little
+    indexed.append(unstructured, unstructured, torch.randn(2000, 2, 6), torch.randn(2000, 2, 6), [{}] * 2000)
+    phi = torch.randn(8, k, d_m, generator=g)
+    assert indexed._candidates(phi, torch.zeros(8)) is None
 
 
 # ---- persistence ---------------------------------------------------------------------------------

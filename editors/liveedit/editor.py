@@ -18,6 +18,7 @@ from editors.common import check_trained_state
 from editors.liveedit.config import LOSS_TERMS, LiveEditConfig
 from editors.liveedit.modules import (FeatureExtractor, LowRankGenerator, expert_mixture, paired_similarity,
                                       similarity)
+from editors.liveedit.index import LowRankBound
 from editors.liveedit.repository import ExpertRepository
 from utils.distributed import gather_rows, local_rows
 from utils.errors import UserError
@@ -94,7 +95,9 @@ class LiveEdit(BaseEditor):
         dev = module_device(backbone.layer(self.layer))
         self.net.to(dev).eval()
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.repository = ExpertRepository(config.n_queries, config.d_m, config.rank, d, device=dev)
+        index = (LowRankBound(config.filter_index_rank, config.filter_index_min)
+                 if config.filter_index_rank is not None else None)
+        self.repository = ExpertRepository(config.n_queries, config.d_m, config.rank, d, device=dev, index=index)
         # training only (config.negative_pool): earlier batches' edit requests, as
         # (layer-l_e hidden [b, L, d], vision mask, prompt mask, image ids [b]), oldest first
         self.negative_pool: list[tuple] = []

@@ -5,6 +5,7 @@ The tensors are held in a ``GrowingRows`` (preallocated, grown by doubling, so a
 O(1): no ``torch.cat`` of the pool). Routing is batched: B queries against N experts are ``[B, N]``
 matmuls, masked and softmaxed per row, so each sample filters and weights its own experts."""
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from editors.common import GrowingRows
+from editors.liveedit.index import LowRankBound
 from editors.liveedit.modules import expert_mixture, paired_similarity, similarity
 from utils.errors import UserError
 from utils.io import atomic_path, read_json, write_json
@@ -23,9 +25,10 @@ FORMAT = "liveedit-repository-v1"
 
 class ExpertRepository:
     def __init__(self, k: int, d_m: int, r: int, d: int, device="cpu", dtype=torch.float32,
-                 initial_capacity: int = 16):
+                 initial_capacity: int = 16, index: LowRankBound | None = None):
         self.rows = GrowingRows({"phi": (k, d_m), "psi": (k, d_m), "U": (r, d), "V": (r, d)}, device, dtype,
                                 initial_capacity)
+        self.index = index      # exact shortcut of the hard filter over many experts (editors/liveedit/index.py)
         self.shapes, self.dtype = self.rows.shapes, dtype
         self.requests: list[dict] = []
 
@@ -34,6 +37,8 @@ class ExpertRepository:
         """Empty the repository (storage shrinks back to the initial capacity)."""
         self.rows.clear()
         self.requests = []
+        if self.index is not None:
+            self.index.reset()
 
     @property
     def capacity(self) -> int:
@@ -53,6 +58,8 @@ class ExpertRepository:
         """Keep the first ``n`` experts (storage is kept)."""
         self.rows.truncate(n)
         del self.requests[n:]
+        if self.index is not None:
+            self.index.reset()
 
     def tensor(self, name: str) -> torch.Tensor:
         """View of the filled part of one store: 'phi', 'psi', 'U' or 'V'."""
@@ -68,28 +75,48 @@ class ExpertRepository:
         Hard filtering keeps expert i iff ``sim(phi, phi_hat_i) > sim(phi, phi_S)``; soft routing over
         the kept ones gives ``w_i = softmax(t)_i * sigmoid(t_i)`` with ``t_i = sim(psi, psi_hat_i)``.
         Weights are exactly 0 outside the kept set. ``max_kept``: of the experts that pass, only the
-        ``max_kept`` most visually similar are kept (not in the paper; None: all)."""
+        ``max_kept`` most visually similar are kept (not in the paper; None: all). With an ``index``
+        (a ``LowRankBound``) and enough experts, only the experts its bound cannot rule out are
+        scored: the same kept set, without a scan of the whole pool."""
         dt = self.dtype
         phi, psi, phi_sentinel = phi.to(dt), psi.to(dt), phi_sentinel.to(dt)
-        visual = similarity(phi, self.tensor("phi"))
-        kept = visual > paired_similarity(phi, phi_sentinel)[:, None]
-        if max_kept is not None and kept.shape[1] > max_kept and bool((kept.sum(1) > max_kept).any()):
-            top = visual.masked_fill(~kept, float("-inf")).topk(max_kept, dim=1).indices
-            kept &= torch.zeros_like(kept).scatter_(1, top, True)
-        weights = torch.zeros(kept.shape, device=kept.device, dtype=dt)
-        cols = kept.any(0).nonzero().flatten()
-        if cols.numel() == 0:
+        n = len(self)
+        threshold = paired_similarity(phi, phi_sentinel)
+        scored = self._candidates(phi, threshold)          # indices of the experts scored; None: all
+        experts = self.tensor("phi") if scored is None else self.tensor("phi")[scored]
+        visual = similarity(phi, experts)
+        kept_s = visual > threshold[:, None]
+        if max_kept is not None and kept_s.shape[1] > max_kept and bool((kept_s.sum(1) > max_kept).any()):
+            top = visual.masked_fill(~kept_s, float("-inf")).topk(max_kept, dim=1).indices
+            kept_s &= torch.zeros_like(kept_s).scatter_(1, top, True)
+        weights = torch.zeros((phi.shape[0], n), device=phi.device, dtype=dt)
+        kept = torch.zeros((phi.shape[0], n), device=phi.device, dtype=torch.bool)
+        local = kept_s.any(0).nonzero().flatten()
+        if local.numel() == 0:
             return weights, kept
+        cols = local if scored is None else scored[local]
+        k = kept_s[:, local]
         # textual similarities only for experts that some row kept: gather those rows when they are
         # few (the usual case), else one pass over the whole pool
-        if 2 * cols.numel() > len(self):
+        if 2 * cols.numel() > n:
             t = similarity(psi, self.tensor("psi"))[:, cols]
         else:
             t = similarity(psi, self.tensor("psi")[cols])
-        k = kept[:, cols]
         soft = torch.softmax(t.masked_fill(~k, float("-inf")), dim=1)   # NaN on rows with none kept
         weights[:, cols] = torch.where(k, soft * torch.sigmoid(t), torch.zeros_like(t))
+        kept[:, cols] = k
         return weights, kept
+
+    def _candidates(self, phi: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the experts that may pass hard filtering for some query (the index's bound), or
+        None to score every expert (no index, too few experts, or too many candidates to gain)."""
+        if self.index is None or not self.index.active(len(self)):
+            return None
+        k, d_m = phi.shape[-2:]
+        q = phi.flatten(1)
+        maybe = self.index.candidates(self.tensor("phi").flatten(1), q, threshold * (k * math.sqrt(d_m)))
+        scored = maybe.any(0).nonzero().flatten()
+        return None if 2 * scored.numel() > len(self) else scored
 
     def residual(self, x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """``sum_i w_i V_i^T relu(U_i x)`` over the experts kept by any row: x [B, L, d] -> [B, L, d]."""
