@@ -48,13 +48,17 @@ def run_samples(editor, samples: Sequence[Sample], batch_size: int, progress=Non
     batch shapes by about 1e-6 and could only flip an exact near-tie (see the README).
 
     Greedy decoding produces a token sequence c exactly when the teacher-forced argmax on the
-    generation context followed by c is c at every position (each step sees the same prefix). So a
-    sample's generation is first *verified* against a candidate, its target (or ``expected[i]``,
-    e.g. the unedited model's generation for a locality sample), in one teacher-forced pass, and
-    decoded step by step only when the candidate is not what greedy decoding gives. ``verify`` false
-    decodes every sample step by step (the same generations: ``scripts/bench_eval.py`` checks it)."""
+    generation context followed by c is c at every position (each step sees the same prefix); and a
+    teacher-forced pass on any candidate proves the greedy tokens up to and including its first
+    wrong one. So the scoring pass itself (on the target) settles each sample's generation up to the
+    first token that leaves the target, which is all of it when the model says the target; up to
+    ``CANDIDATE_PASSES`` batched passes on candidates (the settled prefix, then ``expected[i]``, e.g.
+    the unedited model's generation for a locality sample, or the scoring pass's argmax) settle more,
+    and only what is still open is decoded step by step. ``verify`` false decodes every sample step by
+    step (the same generations: ``scripts/bench_eval.py`` checks it)."""
     bb = editor.backbone
     bb.warm_image_cache([s.image for s in samples if s.image is not None])
+    eos = bb.tokenizer.eos_token_id
     out = []
     for start in range(0, len(samples), batch_size):
         part = list(samples[start:start + batch_size])
@@ -63,27 +67,22 @@ def run_samples(editor, samples: Sequence[Sample], batch_size: int, progress=Non
         preds = [p.tolist() for p in target_predictions(logits, batch.labels)]
         targets = [t.tolist() for t in target_ids(batch.labels)]
         del logits
-        wanted = [list(expected[start + i]) if expected is not None and expected[start + i] is not None
-                  else targets[i] for i in range(len(part))]
-        # the teacher-forced batch already answers for samples whose candidate is their target and
-        # whose target follows the generation context exactly (the usual case)
         gens: list[list[int] | None] = [None] * len(part)
-        recheck = []
-        for i, s in enumerate(part):
-            ctx, n = bb.tokenize(s.prompt, s.image is not None, None)
-            full, n_tf = bb.tokenize(s.prompt, s.image is not None, s.target)
-            if not verify:
-                continue
-            if wanted[i] == targets[i] and full[:n_tf] == ctx[:n]:
-                gens[i] = wanted[i] if preds[i] == wanted[i] else None
-            elif wanted[i]:
-                recheck.append(i)
-        if recheck:
-            sub = [part[i] for i in recheck]
-            cont = bb.encode_continuations(sub, [wanted[i] for i in recheck])
-            got = target_predictions(editor.logits(cont), cont.labels)
-            for i, g in zip(recheck, got):
-                gens[i] = wanted[i] if g.tolist() == wanted[i] else None
+        if verify:
+            wanted = [list(expected[start + i]) if expected is not None and expected[start + i] is not None
+                      else targets[i] for i in range(len(part))]
+            known = {}
+            for i, s in enumerate(part):
+                ctx, n = bb.tokenize(s.prompt, s.image is not None, None)
+                full, n_tf = bb.tokenize(s.prompt, s.image is not None, s.target)
+                # the teacher-forced pass saw the generation context followed by the target, so its
+                # argmax is the greedy token up to and including the first one that leaves the target
+                prefix = exact_prefix(preds[i], targets[i], eos) if full[:n_tf] == ctx[:n] else []
+                if finished(prefix, len(targets[i]), eos):
+                    gens[i] = prefix
+                else:
+                    known[i] = prefix
+            _extend_by_candidates(editor, part, known, wanted, preds, targets, gens, eos)
         todo = [i for i in range(len(part)) if gens[i] is None]
         if todo:
             decoded = editor.generate([part[i] for i in todo], max(len(targets[i]) for i in todo))
@@ -94,6 +93,57 @@ def run_samples(editor, samples: Sequence[Sample], batch_size: int, progress=Non
         if progress is not None:
             progress.update(len(part))
     return out
+
+
+# Candidate passes per batch before the samples still unsettled are decoded step by step: each pass
+# settles at least one more token of every sample in it, but costs a full forward, where a cached
+# decoding step costs one position.
+CANDIDATE_PASSES = 2
+
+
+def exact_prefix(tf_argmax: list[int], given: list[int], eos: int) -> list[int]:
+    """The greedy tokens that a teacher-forced pass on ``given`` proves: its argmax up to and including
+    the first position where it differs from ``given`` (each of those positions saw the greedy
+    prefix), cut after an EOS."""
+    out = []
+    for a, g in zip(tf_argmax, given):
+        out.append(a)
+        if a != g or a == eos:
+            break
+    return out
+
+
+def finished(prefix: list[int], length: int, eos: int) -> bool:
+    """A greedy generation of at most ``length`` tokens is complete: full length, or ended by EOS."""
+    return len(prefix) >= length or (bool(prefix) and prefix[-1] == eos)
+
+
+def _extend_by_candidates(editor, part, known: dict, wanted, preds, targets, gens, eos) -> None:
+    """Settle ``known`` greedy prefixes by teacher-forced passes on candidates: the known prefix, then
+    the sample's expected generation (``wanted``) where it agrees, else the first pass's argmax. Each
+    pass proves the candidate up to its first wrong token and that token itself (``exact_prefix``)."""
+    bb = editor.backbone
+    for _ in range(CANDIDATE_PASSES):
+        if not known:
+            return
+        order = list(known)
+        cands = []
+        for i in order:
+            k, T = known[i], len(targets[i])
+            guess = wanted[i] if wanted[i][:len(k)] == k else preds[i]
+            cand = (k + guess[len(k):])[:T]
+            if len(cand) < T and (not cand or cand[-1] != eos):   # a short guess: fill up from the argmax
+                cand += preds[i][len(cand):T]
+            cands.append(cand)
+        cont = bb.encode_continuations([part[i] for i in order], cands)
+        got = target_predictions(editor.logits(cont), cont.labels)
+        for i, cand, g in zip(order, cands, got):
+            prefix = exact_prefix(g.tolist(), cand, eos)
+            if prefix == cand or finished(prefix, len(targets[i]), eos):
+                gens[i] = prefix
+                del known[i]
+            else:
+                known[i] = prefix
 
 
 def _acc(pred: list[int], ref: list[int]) -> float:

@@ -321,17 +321,35 @@ def test_verified_generations_equal_step_by_step_decoding(load_tiny, data_dir, i
     ed = FTLEditor(bb, FTLConfig(layer=2, steps=5, lr=1e-2, early_stop_loss=0.0, norm_constraint=None))
     recs = load_dataset("EVQA", "eval", data_dir)
     samples = [s for r in recs for s in r.samples().values()]
+    decoded = []
+    original = ed.generate
+    ed.generate = lambda part, n: decoded.extend(part) or original(part, n)
     try:
         pre = run_samples(ed, samples, 3)
+        with torch.no_grad():
+            assert [o.gen for o in pre] == [list(g[:len(o.target)]) for o, g in zip(pre, original(samples, 8))]
+        assert any(o.gen != o.target for o in pre)
         ed.edit(recs[0].edit)
         ed.edit(recs[1].edit)
         got = run_samples(ed, samples, 3, expected=[o.gen for o in pre])
         with torch.no_grad():
-            full = [list(g[:len(o.target)]) for o, g in zip(got, ed.generate(samples, 8))]
+            full = [list(g[:len(o.target)]) for o, g in zip(got, original(samples, 8))]
         assert [o.gen for o in got] == full
         assert any(o.gen != o.target for o in got) and any(o.gen == o.target for o in got)  # both paths ran
+        # the teacher-forced passes settled every generation: none was decoded step by step
+        assert decoded == [] and max(len(o.target) for o in got) > 1
     finally:
         ed.restore()
+
+
+def test_a_teacher_forced_pass_proves_the_greedy_prefix():
+    from evaluation.scoring import exact_prefix, finished
+    eos = 2
+    assert exact_prefix([5, 6, 7], [5, 6, 7], eos) == [5, 6, 7]          # the model says it: all of it
+    assert exact_prefix([5, 9, 7], [5, 6, 7], eos) == [5, 9]             # up to the first wrong token
+    assert exact_prefix([2, 6, 7], [5, 6, 7], eos) == [2]
+    assert exact_prefix([5, 2, 7], [5, 2, 7], eos) == [5, 2]             # greedy decoding stops at EOS
+    assert finished([5, 9], 3, eos) is False and finished([5, 2], 3, eos) and finished([1, 1, 1], 3, eos)
 
 
 def test_val_split_names_the_run_folder(tiny_dirs, tmp_path):
