@@ -152,34 +152,42 @@ class LiveEdit(BaseEditor):
     def route(self, hidden: torch.Tensor, batch: VLBatch):
         """Routing of every sample with an image against the repository, from the layer-l_e output:
         (rows [b] of the batch that have an image, weights [b, N], kept [b, N])."""
-        rows = batch.has_image.nonzero().flatten()
-        if rows.numel() == 0:
-            n, dev = len(self.repository), hidden.device
-            return rows, torch.zeros(0, n, device=dev), torch.zeros(0, n, dtype=torch.bool, device=dev)
-        sub = select_rows(batch, rows)
-        feats = self._input_side(hidden[rows], sub)
-        weights, kept = self.repository.route(feats.phi, feats.psi, feats.phi_sentinel, self.config.max_kept)
+        rows, (cols, w, k) = self._route_kept(hidden, batch)
+        weights = torch.zeros((len(rows), len(self.repository)), device=w.device, dtype=w.dtype)
+        kept = torch.zeros((len(rows), len(self.repository)), device=k.device, dtype=torch.bool)
+        weights[:, cols], kept[:, cols] = w, k
         return rows, weights, kept
 
+    def _route_kept(self, hidden: torch.Tensor, batch: VLBatch):
+        """(rows [b] with an image, (cols [M], weights [b, M], kept [b, M])): ``route`` on the kept
+        experts' columns only."""
+        rows = batch.has_image.nonzero().flatten()
+        if rows.numel() == 0:
+            dev = hidden.device
+            return rows, (rows, torch.zeros(0, 0, device=dev), torch.zeros(0, 0, dtype=torch.bool, device=dev))
+        sub = select_rows(batch, rows)
+        feats = self._input_side(hidden[rows], sub)
+        return rows, self.repository.route_kept(feats.phi, feats.psi, feats.phi_sentinel, self.config.max_kept)
+
     def _routing(self, hidden: torch.Tensor, batch: VLBatch):
-        """(rows, weights, kept) of the samples that keep at least one expert; None if none does."""
+        """(rows, cols, weights, kept) of the samples that keep at least one expert; None if none does."""
         if len(self.repository) == 0 or not bool(batch.has_image.any()):
             return None
         with torch.no_grad():
-            rows, weights, kept = self.route(hidden, batch)
+            rows, (cols, weights, kept) = self._route_kept(hidden, batch)
             any_kept = kept.any(1)
             if not bool(any_kept.any()):
                 return None
-            return rows[any_kept], weights[any_kept], kept[any_kept]
+            return rows[any_kept], cols, weights[any_kept], kept[any_kept]
 
     def _add_residual(self, hidden: torch.Tensor, routing) -> torch.Tensor:
         """The routed experts' residual added on every position of the routed samples; every other
         sample is returned bit for bit."""
         if routing is None:
             return hidden
-        rows, weights, kept = routing
+        rows, cols, weights, _ = routing
         with torch.no_grad():
-            delta = self.repository.residual(self.net.ln_x(hidden[rows].float()), weights, kept)
+            delta = self.repository.residual(self.net.ln_x(hidden[rows].float()), weights, cols)
         out = hidden.clone()
         out[rows] = hidden[rows] + delta.to(hidden.dtype)
         return out

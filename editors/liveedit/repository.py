@@ -77,7 +77,17 @@ class ExpertRepository:
         Weights are exactly 0 outside the kept set. ``max_kept``: of the experts that pass, only the
         ``max_kept`` most visually similar are kept (not in the paper; None: all). With an ``index``
         (a ``LowRankBound``) and enough experts, only the experts its bound cannot rule out are
-        scored: the same kept set, without a scan of the whole pool."""
+        scored: the same kept set, without a scan of the whole pool. ``route_kept`` gives the same
+        on the kept experts' columns only (what inference uses: no [B, N] tensor)."""
+        cols, w, k = self.route_kept(phi, psi, phi_sentinel, max_kept)
+        weights = torch.zeros((phi.shape[0], len(self)), device=phi.device, dtype=self.dtype)
+        kept = torch.zeros((phi.shape[0], len(self)), device=phi.device, dtype=torch.bool)
+        weights[:, cols], kept[:, cols] = w, k
+        return weights, kept
+
+    def route_kept(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None):
+        """``route`` on the experts that some query kept: (cols [M] expert indices, weights [B, M],
+        kept [B, M])."""
         dt = self.dtype
         phi, psi, phi_sentinel = phi.to(dt), psi.to(dt), phi_sentinel.to(dt)
         n = len(self)
@@ -85,17 +95,15 @@ class ExpertRepository:
         scored = self._candidates(phi, threshold)          # indices of the experts scored; None: all
         experts = self.tensor("phi") if scored is None else self.tensor("phi")[scored]
         visual = similarity(phi, experts)
-        kept_s = visual > threshold[:, None]
-        if max_kept is not None and kept_s.shape[1] > max_kept and bool((kept_s.sum(1) > max_kept).any()):
-            top = visual.masked_fill(~kept_s, float("-inf")).topk(max_kept, dim=1).indices
-            kept_s &= torch.zeros_like(kept_s).scatter_(1, top, True)
-        weights = torch.zeros((phi.shape[0], n), device=phi.device, dtype=dt)
-        kept = torch.zeros((phi.shape[0], n), device=phi.device, dtype=torch.bool)
-        local = kept_s.any(0).nonzero().flatten()
-        if local.numel() == 0:
-            return weights, kept
+        kept = visual > threshold[:, None]
+        if max_kept is not None and kept.shape[1] > max_kept and bool((kept.sum(1) > max_kept).any()):
+            top = visual.masked_fill(~kept, float("-inf")).topk(max_kept, dim=1).indices
+            kept &= torch.zeros_like(kept).scatter_(1, top, True)
+        local = kept.any(0).nonzero().flatten()
         cols = local if scored is None else scored[local]
-        k = kept_s[:, local]
+        k = kept[:, local]
+        if cols.numel() == 0:
+            return cols, torch.zeros(k.shape, device=phi.device, dtype=dt), k
         # textual similarities only for experts that some row kept: gather those rows when they are
         # few (the usual case), else one pass over the whole pool
         if 2 * cols.numel() > n:
@@ -103,9 +111,7 @@ class ExpertRepository:
         else:
             t = similarity(psi, self.tensor("psi")[cols])
         soft = torch.softmax(t.masked_fill(~k, float("-inf")), dim=1)   # NaN on rows with none kept
-        weights[:, cols] = torch.where(k, soft * torch.sigmoid(t), torch.zeros_like(t))
-        kept[:, cols] = k
-        return weights, kept
+        return cols, torch.where(k, soft * torch.sigmoid(t), torch.zeros_like(t)), k
 
     def _candidates(self, phi: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor | None:
         """Indices of the experts that may pass hard filtering for some query (the index's bound), or
@@ -118,10 +124,10 @@ class ExpertRepository:
         scored = maybe.any(0).nonzero().flatten()
         return None if 2 * scored.numel() > len(self) else scored
 
-    def residual(self, x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """``sum_i w_i V_i^T relu(U_i x)`` over the experts kept by any row: x [B, L, d] -> [B, L, d]."""
-        cols = kept.any(0).nonzero().flatten()
-        return expert_mixture(x.to(self.dtype), weights[:, cols], self.tensor("U")[cols], self.tensor("V")[cols])
+    def residual(self, x: torch.Tensor, weights: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``sum_i w_i V_i^T relu(U_i x)`` over the experts ``cols`` (``route_kept``'s): x [B, L, d],
+        weights [B, M] -> [B, L, d]."""
+        return expert_mixture(x.to(self.dtype), weights, self.tensor("U")[cols], self.tensor("V")[cols])
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory, fingerprint: dict) -> None:
