@@ -109,7 +109,9 @@ def child_argv(parser: argparse.ArgumentParser, args, dataset: str) -> list[str]
             for item in value:
                 argv += [flag, item]
         elif value is not None and value != action.default:
-            argv += [flag, str(value)]
+            argv += [f"{flag}={value}"]   # one token: a value may start with '-'
+        elif not isinstance(action, (argparse._StoreAction, argparse._HelpAction)):
+            raise NotImplementedError(f"child_argv: {flag} ({type(action).__name__}) is not passed on")
     return argv
 
 
@@ -119,8 +121,12 @@ def run_datasets_in_parallel(parser, args, datasets: list[str], outs: dict[str, 
     import os
     import subprocess
     from utils.GLOBAL import ROOT_PATH as ROOT
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // args.jobs)
+    # the caller's working directory (relative paths mean the same to parent and children), with
+    # the project importable from it
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path}
     print(f"compare: {len(datasets)} datasets, {args.jobs} processes at once, {threads} thread(s) each",
           file=sys.stderr)
     pending, running, failed = list(datasets), {}, []
@@ -132,7 +138,7 @@ def run_datasets_in_parallel(parser, args, datasets: list[str], outs: dict[str, 
             log.parent.mkdir(parents=True, exist_ok=True)
             handle = open(log, "a", encoding="utf-8")
             cmd = [sys.executable, "-m", "scripts.compare"] + child_argv(parser, args, dataset)
-            running[dataset] = (subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+            running[dataset] = (subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env),
                                 handle, log, time.monotonic())
             print(f"compare: {dataset} started (log: {log})", file=sys.stderr)
         time.sleep(2)

@@ -126,15 +126,19 @@ def _extend_by_candidates(editor, part, known: dict, wanted, preds, targets, gen
     for _ in range(CANDIDATE_PASSES):
         if not known:
             return
-        order = list(known)
-        cands = []
-        for i in order:
+        order, cands = [], []
+        for i in list(known):
             k, T = known[i], len(targets[i])
             guess = wanted[i] if wanted[i][:len(k)] == k else preds[i]
             cand = (k + guess[len(k):])[:T]
             if len(cand) < T and (not cand or cand[-1] != eos):   # a short guess: fill up from the argmax
                 cand += preds[i][len(cand):T]
+            if bb.image_token_id in cand:   # would read as an image slot: decoded step by step instead
+                continue
+            order.append(i)
             cands.append(cand)
+        if not order:
+            return
         cont = bb.encode_continuations([part[i] for i in order], cands)
         got = target_predictions(editor.logits(cont), cont.labels)
         for i, cand, g in zip(order, cands, got):

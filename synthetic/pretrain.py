@@ -363,8 +363,11 @@ def _rebuild_reason(path: Path, name: str) -> str | None:
 
 def config_change(recorded: dict, name: str) -> str | None:
     """How a build's recorded pretraining config departs from ``name``'s default, or None. A key the
-    record lacks was added later with the value earlier builds used, so it does not count."""
+    record lacks was added later with the value earlier builds used, so it does not count; except
+    ``threads``: earlier builds ran on whatever the machine gave them. A report without a config
+    (none of this project's) says nothing, and counts as current."""
     wanted = asdict(default_config(name))
+    recorded = {"threads": None, **recorded} if recorded else recorded
     changed = [f"{k} {recorded[k]} (default {v})" for k, v in wanted.items() if k in recorded and recorded[k] != v]
     return f"was built with another pretraining config: {', '.join(changed)}" if changed else None
 
@@ -385,13 +388,14 @@ def main(argv=None):
     names = sorted(TINY_FAMILIES) if a.backbone == "all" else [a.backbone]
     if a.out and len(names) > 1:
         raise UserError("--out needs a single --backbone")
-    for name in names:
-        given = {k: getattr(a, k) for k in tunable if getattr(a, k) is not None}
-        cfg = replace(default_config(name), **given)
+    given = {k: getattr(a, k) for k in tunable if getattr(a, k) is not None}
+    configs = {name: replace(default_config(name), **given) for name in names}
+    for name, cfg in configs.items():   # all checked before anything is built
         if not a.out and config_change(asdict(cfg), name):
             # The default folder holds the default build: scripts would replace this one on first use.
             raise UserError(f"{name}: a build with a non-default config ({', '.join(sorted(given))}) goes to "
                             f"--out FOLDER, used with --model_path FOLDER; {model_path_map[name]} holds the default build")
+    for name, cfg in configs.items():
         report = pretrain_tiny(name, a.out or model_path_map[name], a.world_dir, cfg)
         print(json.dumps(report, indent=2))
 

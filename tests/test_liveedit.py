@@ -275,6 +275,15 @@ def test_repository_routing_rule():
     assert repo.route(phi, psi, sentinel, max_kept=5)[1][0].tolist() == [True, False, True]
 
 
+def plain_route_of(repo, phi, psi, sentinel):
+    """The kept set of ``repo`` scanning every expert."""
+    index, repo.index = repo.index, None
+    try:
+        return repo.route(phi, psi, sentinel)[1]
+    finally:
+        repo.index = index
+
+
 def test_filter_index_routes_exactly_like_a_full_scan():
     """The low-rank bound skips experts without changing routing: the same kept sets and weights as
     scoring every expert, across appends, a refit (at twice the fitted size) and max_kept; and on
@@ -306,6 +315,14 @@ def test_filter_index_routes_exactly_like_a_full_scan():
     assert scored[0] is None                              # 300 experts: under filter_index_min
     assert all(s is not None and len(s) < len(plain) / 4 for s in scored[2:])   # a fraction is scored
     assert indexed.index.fitted_at == 1400 and len(indexed.index.rows) == 2300
+    # fitted by a query under inference mode (scoring), extended by one under no_grad (a script)
+    indexed.clear()
+    indexed.append(*random_experts(600, k=k, d_m=d_m, r=2, d=6))
+    with torch.inference_mode():
+        indexed.route(phi, psi, sentinel)
+    indexed.append(*random_experts(10, k=k, d_m=d_m, r=2, d=6, seed=1))
+    with torch.no_grad():
+        assert torch.equal(indexed.route(phi, psi, sentinel)[1], plain_route_of(indexed, phi, psi, sentinel))
     indexed.clear()
     assert indexed.index.rows is None
     unstructured = torch.randn(2000, k, d_m, generator=g)     # full rank: the bound rules out little

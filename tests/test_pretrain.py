@@ -81,7 +81,6 @@ def test_backbone_of_another_world_is_rebuilt(small_world, tmp_path, monkeypatch
     assert calls == ["tiny-llava"] * 3  # built by an older recipe: rebuilt
     from dataclasses import asdict
     report = {"built_from": pretrain.build_identity(small_world), "config": asdict(pretrain.default_config("tiny-llava"))}
-    del report["config"]["threads"]   # a key added after a build counts as its default
     (path / "pretrain_report.json").write_text(json.dumps(report))
     pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
     assert calls == ["tiny-llava"] * 3  # the default config: kept
@@ -89,6 +88,11 @@ def test_backbone_of_another_world_is_rebuilt(small_world, tmp_path, monkeypatch
     (path / "pretrain_report.json").write_text(json.dumps(report))
     pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
     assert calls == ["tiny-llava"] * 4  # the default config changed since: rebuilt
+    report["config"]["seed"] -= 1
+    del report["config"]["threads"]     # built before builds pinned their threads: weights unknown
+    (path / "pretrain_report.json").write_text(json.dumps(report))
+    pretrain.ensure_tiny_backbone("tiny-llava", path, progress=False)
+    assert calls == ["tiny-llava"] * 5
 
 
 def test_non_default_build_needs_its_own_folder(capsys):

@@ -13,7 +13,9 @@ tiny-blip2 / SYNTH-EVQA: rank 32 holds 98.9% of the experts' variance), so with 
 with ``p_i = P (x_i - mu)`` [r] and ``e_i = |(x_i - mu)_perp|`` stored per expert. An expert whose bound
 is at most ``tau`` cannot pass, so only the others (the *candidates*) are scored exactly. The bound holds
 for any orthonormal ``P``: the basis decides how many candidates remain, never which experts pass, so
-the filter's result is the full scan's. The basis is fitted (SVD of at most ``sample`` experts) when the
+the filter's result is the full scan's (the experts left are scored by the same formula, on a subset of
+the columns: equal up to the last float bit). The basis is fitted (SVD of an even sample of about
+``sample`` experts) when the
 repository first reaches ``min_experts`` and again each time it has doubled since; experts appended in
 between are projected on the current basis when the next query comes.
 """
@@ -40,6 +42,10 @@ class LowRankBound:
     def active(self, n: int) -> bool:
         return n >= self.min_experts
 
+    # The index is often first built by a query under inference mode (scoring) and then extended by
+    # one under no_grad (a script): its storage must be normal tensors, or that in-place append fails.
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def _fit(self, x: torch.Tensor) -> None:
         """Basis and centre from (an even sample of) ``x`` [N, D]; every row projected again."""
         step = max(1, len(x) // self.sample)
@@ -54,6 +60,8 @@ class LowRankBound:
         self.fitted_at, self.reach = len(x), float(self.mu.norm())
         self._project(x)
 
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def _project(self, x: torch.Tensor) -> None:
         """Append the rows of the experts of ``x`` that are not indexed yet."""
         new = x[len(self.rows):] - self.mu
@@ -65,7 +73,7 @@ class LowRankBound:
     def candidates(self, x: torch.Tensor, q: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """Experts of ``x`` [N, D] that may satisfy ``<q_b, x_i> > tau_b`` for queries ``q`` [B, D]
         (``tau`` [B], same scale): [B, N] bool, True for every expert that does."""
-        if self.rows is None or len(x) >= 2 * self.fitted_at:
+        if self.rows is None or len(x) >= 2 * self.fitted_at or len(x) < len(self.rows):
             self._fit(x)
         elif len(self.rows) < len(x):
             self._project(x)

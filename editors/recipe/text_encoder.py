@@ -66,9 +66,15 @@ def resolve_text_encoder(name: str) -> Path:
         from synthetic.pretrain import current_world
         from synthetic.world import text_corpus
         from utils.GLOBAL import SYNTHETIC_DIR
-        print(f"{name} is not built yet: building it at {path} (a tokenizer and a randomly initialised "
-              f"tiny RoBERTa, a few seconds)", file=sys.stderr)
-        return build_tiny_text_encoder(path, text_corpus(current_world(SYNTHETIC_DIR)))
+        from utils.locks import build_once
+
+        def build():
+            print(f"{name} is not built yet: building it at {path} (a tokenizer and a randomly initialised "
+                  f"tiny RoBERTa, a few seconds)", file=sys.stderr)
+            build_tiny_text_encoder(path, text_corpus(current_world(SYNTHETIC_DIR)))
+        # one builder at a time (the dataset processes of compare --jobs, a multi-process launch)
+        build_once(path, lambda: (path / "config.json").is_file(), build, name)
+        return path
     where = f"model_path_map[{name!r}] in utils/GLOBAL.py" if name in model_path_map else "the config"
     raise UserError(f"no text encoder at {path} (config.json missing); put the weights there or change {where}")
 
