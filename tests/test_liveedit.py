@@ -273,6 +273,11 @@ def test_repository_routing_rule():
     assert kept.tolist() == [[False, False, True], [False, False, False]]
     torch.testing.assert_close(weights[0, 2], torch.sigmoid(t[2]))   # softmax over the one kept expert
     assert repo.route(phi, psi, sentinel, max_kept=5)[1][0].tolist() == [True, False, True]
+    # margin m: kept iff sim > sentinel sim + m (sims 1, 0.5, 1.5 against 0.5)
+    assert repo.route(phi, psi, sentinel, margin=0.25)[1][0].tolist() == [True, False, True]
+    assert repo.route(phi, psi, sentinel, margin=0.75)[1][0].tolist() == [False, False, True]
+    assert repo.route(phi, psi, sentinel, margin=-0.25)[1][0].tolist() == [True, True, True]
+    assert not repo.route(phi, psi, sentinel, margin=1.0)[1].any()
 
 
 def plain_route_of(repo, phi, psi, sentinel):

@@ -1,6 +1,7 @@
 """LiveEdit's config: one YAML per backbone under ``configs/liveedit/<backbone>.yaml``, loaded strictly
 by ``utils.config.load_config`` (keys and value types checked there). Backbone facts (hidden size,
 number of vision tokens, number of layers) come from the backbone object, never from here."""
+import math
 from dataclasses import dataclass, field
 
 from utils.errors import UserError
@@ -77,6 +78,9 @@ class LiveEditConfig:
     negative_pool_rows: str = "locality"   # which samples are contrasted with the pool: "locality" (the
                                            # unrelated images, which must reject every edit) or "all" (rel
                                            # and gen samples too, against other records' edits)
+    # Inference only, not in the paper (0: off): hard filtering keeps an expert only if its visual
+    # similarity beats the sentinel's by this margin, sim(phi, phi_hat_i) > sim(phi, phi_S) + margin.
+    filter_margin: float = 0.0
     # Inference speed only, exact (the same routing as a scan of every expert): from
     # ``filter_index_min`` experts on, hard filtering scores only the experts that a rank-
     # ``filter_index_rank`` bound cannot rule out (editors/liveedit/index.py). null: always scan all.
@@ -99,6 +103,9 @@ class LiveEditConfig:
             raise UserError(f"liveedit.max_kept: expected a positive integer or null, got {self.max_kept!r}")
         if self.filter_index_rank is not None and (isinstance(self.filter_index_rank, bool) or self.filter_index_rank < 1):
             raise UserError(f"liveedit.filter_index_rank: expected a positive integer or null, got {self.filter_index_rank!r}")
+        if isinstance(self.filter_margin, bool) or not isinstance(self.filter_margin, (int, float)) \
+                or not math.isfinite(self.filter_margin):
+            raise UserError(f"liveedit.filter_margin: expected a finite number, got {self.filter_margin!r}")
         if isinstance(self.filter_index_min, bool) or self.filter_index_min < 1:
             raise UserError(f"liveedit.filter_index_min: expected a positive integer, got {self.filter_index_min!r}")
         if isinstance(self.negative_pool, bool) or self.negative_pool < 0:

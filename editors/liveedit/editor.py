@@ -167,7 +167,8 @@ class LiveEdit(BaseEditor):
             return rows, (rows, torch.zeros(0, 0, device=dev), torch.zeros(0, 0, dtype=torch.bool, device=dev))
         sub = select_rows(batch, rows)
         feats = self._input_side(hidden[rows], sub)
-        return rows, self.repository.route_kept(feats.phi, feats.psi, feats.phi_sentinel, self.config.max_kept)
+        return rows, self.repository.route_kept(feats.phi, feats.psi, feats.phi_sentinel, self.config.max_kept,
+                                                self.config.filter_margin)
 
     def _routing(self, hidden: torch.Tensor, batch: VLBatch):
         """(rows, cols, weights, kept) of the samples that keep at least one expert; None if none does."""

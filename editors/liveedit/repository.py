@@ -69,29 +69,32 @@ class ExpertRepository:
         return self.rows.row_bytes()
 
     # ---- routing ----------------------------------------------------------------------------
-    def route(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None):
+    def route(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None,
+              margin: float = 0.0):
         """Input-side features of B queries [B, k, d_m] -> (weights [B, N], kept [B, N] bool).
 
-        Hard filtering keeps expert i iff ``sim(phi, phi_hat_i) > sim(phi, phi_S)``; soft routing over
+        Hard filtering keeps expert i iff ``sim(phi, phi_hat_i) > sim(phi, phi_S) + margin`` (the
+        paper: margin 0); soft routing over
         the kept ones gives ``w_i = softmax(t)_i * sigmoid(t_i)`` with ``t_i = sim(psi, psi_hat_i)``.
         Weights are exactly 0 outside the kept set. ``max_kept``: of the experts that pass, only the
         ``max_kept`` most visually similar are kept (not in the paper; None: all). With an ``index``
         (a ``LowRankBound``) and enough experts, only the experts its bound cannot rule out are
         scored: the same kept set, without a scan of the whole pool. ``route_kept`` gives the same
         on the kept experts' columns only (what inference uses: no [B, N] tensor)."""
-        cols, w, k = self.route_kept(phi, psi, phi_sentinel, max_kept)
+        cols, w, k = self.route_kept(phi, psi, phi_sentinel, max_kept, margin)
         weights = torch.zeros((phi.shape[0], len(self)), device=phi.device, dtype=self.dtype)
         kept = torch.zeros((phi.shape[0], len(self)), device=phi.device, dtype=torch.bool)
         weights[:, cols], kept[:, cols] = w, k
         return weights, kept
 
-    def route_kept(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None):
+    def route_kept(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None,
+                   margin: float = 0.0):
         """``route`` on the experts that some query kept: (cols [M] expert indices, weights [B, M],
         kept [B, M])."""
         dt = self.dtype
         phi, psi, phi_sentinel = phi.to(dt), psi.to(dt), phi_sentinel.to(dt)
         n = len(self)
-        threshold = paired_similarity(phi, phi_sentinel)
+        threshold = paired_similarity(phi, phi_sentinel) + margin
         scored = self._candidates(phi, threshold)          # indices of the experts scored; None: all
         experts = self.tensor("phi") if scored is None else self.tensor("phi")[scored]
         visual = similarity(phi, experts)
