@@ -43,7 +43,8 @@ def test_configs_load_strictly_for_every_backbone(backbone):
     assert load_config(NoneConfig, "none", backbone) == NoneConfig()
     cfg = load_config(FTLConfig, "ft-l", backbone)
     assert isinstance(cfg, FTLConfig) and cfg.steps >= 1 and cfg.lr > 0
-    assert cfg.layer == (-2 if backbone.startswith("tiny") else 21)   # tiny: the val choice (layer 4 of 6)
+    # tiny: each backbone's val choice (tiny-blip2 layer 4 of 6, tiny-llava / tiny-minigpt4 layer 2)
+    assert cfg.layer == {"tiny-blip2": -2, "tiny-llava": 2, "tiny-minigpt4": 2}.get(backbone, 21)
 
 
 def test_unknown_config_key_is_named(tmp_path):
