@@ -6,7 +6,9 @@ Every check of the user's input happens before anything is written; then the run
 import argparse
 import hashlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_edited_state", default=None, metavar="DIR",
                    help="load the edited states saved by --save_edited_state instead of editing")
     p.add_argument("--overwrite", action="store_true", help="discard a finished or partial run in the run folder")
+    p.add_argument("--supersede", action="store_true",
+                   help="a run with other arguments in the run folder (e.g. made with an older config) is moved "
+                        "aside to <folder>.superseded-<time>, kept, and this one runs (scripts/compare.py uses it)")
     p.add_argument("--general", default=None, metavar="FILE_or_NAME",
                    help="general-capability VQA set measured before editing and after each chunk / point: "
                         "synth, vqav2, mme, a VQAv2-style JSON or an MME folder (evaluation/general.py)")
@@ -234,7 +239,13 @@ def main(argv=None) -> dict:
         identity["general"] = general.identity()
 
     # ---- an existing run in the folder: report it, or refuse (reading only; again under the lock) ----
-    if not args.overwrite and _existing_run(store, identity, stages) == "finished":
+    from evaluation.results import differences
+    defaults = _config_defaults(editor_cls.config_class)
+    if args.supersede and not args.overwrite and store.has_run() and differences(store.identity(), identity, defaults):
+        aside = store.dir.with_name(f"{store.dir.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(store.dir, aside)
+        notes.append(f"a run with other arguments was in {store.dir}: moved to {aside}")
+    if not args.overwrite and _existing_run(store, identity, stages, defaults) == "finished":
         return _report_finished(store, markdown_table)
 
     # ---- claim the folder, load, then write ----------------------------------------------------
@@ -246,7 +257,7 @@ def main(argv=None) -> dict:
         if args.overwrite:
             lock.clear()
         else:
-            state = _existing_run(store, identity, stages)
+            state = _existing_run(store, identity, stages, defaults)
             if state == "finished":          # another process finished it while we were starting
                 return _report_finished(store, markdown_table)
         resumed = store.has_run()
@@ -306,13 +317,22 @@ def main(argv=None) -> dict:
     return {"run_dir": store.dir, "means": means, "resumed": resumed, "already_finished": False}
 
 
-def _existing_run(store, identity: dict, stages) -> str | None:
+def _config_defaults(config_class) -> dict | None:
+    """The editor config's defaults as a dict (None when its class needs arguments)."""
+    from utils.config import to_dict
+    try:
+        return to_dict(config_class())
+    except Exception:   # a config class without defaults for every field
+        return None
+
+
+def _existing_run(store, identity: dict, stages, config_defaults: dict | None = None) -> str | None:
     """``"finished"`` / ``"unfinished"`` for a run with the same identity in the folder, None for no
     run; a run with other arguments, or an unreadable file of it, is a UserError naming the problem."""
     from evaluation.results import differences
     if not store.has_run():
         return None
-    diff = differences(store.identity(), identity)
+    diff = differences(store.identity(), identity, config_defaults)
     state = "finished" if store.finished else "unfinished"
     if diff:
         raise UserError(f"{store.dir} holds a {state} run with other arguments ({'; '.join(diff)}); "

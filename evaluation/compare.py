@@ -396,6 +396,7 @@ class Comparison:
             argv = ["-en", editor, "-mn", self.backbone, "-dn", self.dataset, "--eval_at",
                     ",".join(map(str, self.points)), "--seed", str(seed), "--split", self.args.split,
                     "-enp", self.postfix(seed, editor), "--eval_batch_size", str(self.args.eval_batch_size),
+                    "--supersede",   # a cell run with an older config (or checkpoint) is moved aside and redone
                     "--records_dir", str(self.records_dir), "--data_dir", str(self.data_dir), "-dvc", self.device]
             if self.args.data_sample_n:
                 argv += ["-dsn", str(self.args.data_sample_n)]

@@ -114,7 +114,14 @@ class RunStore:
         return means
 
 
-def differences(old: dict, new: dict) -> list[str]:
+def differences(old: dict, new: dict, config_defaults: dict | None = None) -> list[str]:
+    """What differs between two run identities. An editor config key that the old run lacks and the new
+    one holds at its default (``config_defaults``) was added since, with the behaviour runs had
+    before it (this project's rule for new keys), so it is no difference."""
+    old_cfg, new_cfg = old.get("editor_config"), new.get("editor_config")
+    if config_defaults and isinstance(old_cfg, dict) and isinstance(new_cfg, dict):
+        added = {k: v for k, v in new_cfg.items() if k not in old_cfg and k in config_defaults and v == config_defaults[k]}
+        old = {**old, "editor_config": {**old_cfg, **added}}
     keys = sorted(set(old) | set(new))
     return [f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
 

@@ -374,6 +374,27 @@ def test_config_flag_replaces_the_shipped_yaml(tiny_dirs, data_dir, tmp_path, ca
     assert saved["editor_config_source"] == str(cfg.resolve())
 
 
+def test_a_config_change_is_refused_or_superseded(tiny_dirs, data_dir, tmp_path):
+    """A finished run made with another editor config is refused; --supersede moves it aside (kept)
+    and runs anew. A config key added since, at its default, is no difference."""
+    from evaluation.results import differences
+    old = {"editor_config": {"layer": 1}}
+    assert differences(old, {"editor_config": {"layer": 1, "new_key": 0.0}}, {"new_key": 0.0}) == []
+    assert differences(old, {"editor_config": {"layer": 1, "new_key": 0.5}}, {"new_key": 0.0}) != []
+    cfg = lambda layer: tmp_path / f"ftl{layer}.yaml"
+    for layer in (1, 2):
+        cfg(layer).write_text(f"layer: {layer}\nsteps: 1\nlr: 1.0e-3\nearly_stop_loss: 0.0\nnorm_constraint: null\n")
+    first = main(argv(tiny_dirs, data_dir, tmp_path / "rec", "--config", str(cfg(1)), editor="ft-l"))
+    with pytest.raises(UserError, match="holds a finished run with other arguments"):
+        main(argv(tiny_dirs, data_dir, tmp_path / "rec", "--config", str(cfg(2)), editor="ft-l"))
+    second = main(argv(tiny_dirs, data_dir, tmp_path / "rec", "--config", str(cfg(2)), "--supersede", editor="ft-l"))
+    assert second["run_dir"] == first["run_dir"] and not second.get("already_finished")
+    aside = list(first["run_dir"].parent.glob(first["run_dir"].name + ".superseded-*"))
+    assert len(aside) == 1 and (aside[0] / "mean_results.json").is_file()
+    again = main(argv(tiny_dirs, data_dir, tmp_path / "rec", "--config", str(cfg(2)), "--supersede", editor="ft-l"))
+    assert again["already_finished"]     # the same arguments: reported, not redone or moved
+
+
 def test_set_flag_overrides_one_config_key_type_checked(tiny_dirs, data_dir, tmp_path, capsys):
     """--set KEY=VALUE replaces one key after the YAML (or a checkpoint's saved config): the run
     records the new value, a wrong type is one clear error."""
