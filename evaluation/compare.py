@@ -333,7 +333,8 @@ class Comparison:
             except (OSError, yaml.YAMLError):
                 continue
             a = saved.get("args", {})
-            if (saved.get("editor_config") == config and a.get("random_seed") == seed
+            if (self._trained_part(editor, saved.get("editor_config")) == self._trained_part(editor, config)
+                    and a.get("random_seed") == seed
                     and a.get("batch_size") == self.args.train_bs and a.get("data_n") is None
                     and any((run / "checkpoints").glob("step_*"))):
                 try:
@@ -343,6 +344,27 @@ class Comparison:
                 if latest < steps or (checkpoint_dir(run, steps) / WEIGHTS_FILE).is_file():
                     return run
         return None
+
+    @staticmethod
+    def _trained_part(editor: str, config) -> dict | None:
+        """An editor config without its inference-only keys (what a training run depends on)."""
+        from editors import EDITORS
+        if not isinstance(config, dict):
+            return None
+        skip = getattr(EDITORS.get(editor).config_class, "inference_only", ())
+        return {k: v for k, v in config.items() if k not in skip}
+
+    def inference_sets(self, editor: str) -> list[str]:
+        """``--set`` items giving a trained checkpoint the shipped config's inference-only keys (its
+        saved config has those of its training time)."""
+        from editors import EDITORS
+        from utils.config import load_config, to_dict
+        cls = EDITORS.get(editor)
+        keys = getattr(cls.config_class, "inference_only", ())
+        if not keys:
+            return []
+        shipped = to_dict(load_config(cls.config_class, editor, self.backbone))
+        return [f"{k}={json.dumps(shipped[k])}" for k in keys if k in shipped]
 
     def train(self, editor: str, seed: int) -> tuple[str, float | None]:
         """Train (or finish training) ``editor`` with ``seed``; returns (checkpoint, training seconds)."""
@@ -404,6 +426,8 @@ class Comparison:
                 argv += ["--model_path", self.args.model_path]
             if cell["checkpoint"]:
                 argv += ["-ckpt", cell["checkpoint"]]
+                for item in self.inference_sets(editor):   # before --set EDITOR.KEY, which wins
+                    argv += ["--set", item]
             for item in self.sets.get(editor, []):
                 argv += ["--set", item]
             if self.general:

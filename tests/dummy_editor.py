@@ -6,6 +6,7 @@ It exercises what the loop must handle: several weighted loss terms, the editor'
 (dropout), both of which exact resume must restore. Not registered by default: call ``register()``.
 """
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,12 @@ class DummyTrainConfig:
 
 @dataclass
 class DummyConfig:
+    inference_only: ClassVar[tuple[str, ...]] = ("output_scale",)
     layer: int = 2
     rank: int = 4
     dropout: float = 0.1
     random_rephrase: bool = True   # the generality sample is drawn with the editor's generator
+    output_scale: float = 1.0      # read only at inference (scales the residual there)
     train: DummyTrainConfig = field(default_factory=DummyTrainConfig)
 
 
@@ -53,7 +56,9 @@ class ResidualEditor(BaseEditor):
         return h + up(F.dropout(torch.relu(down(h)), self.config.dropout, training=True))
 
     def layer_edits(self):
-        return {self.config.layer: self._edit}
+        if self.config.output_scale == 1.0:
+            return {self.config.layer: self._edit}
+        return {self.config.layer: lambda h, batch: h + self.config.output_scale * (self._edit(h, batch) - h)}
 
     def edit(self, request):
         self.n_edits += 1

@@ -117,6 +117,16 @@ def test_trainable_editors_are_trained_once_per_seed(tiny_dirs, data, tmp_path, 
         # again: nothing is retrained
         main(argv(tiny_dirs, data, tmp_path / "records", *grid))
         assert len(list((tmp_path / "records" / names[0] / "tiny-blip2" / "EVQA").iterdir())) == 2
+        # the shipped config changes an inference-only key: the trainings are reused, the evaluations
+        # are redone with the new value (the old ones moved aside)
+        yaml_file = configs / names[0] / "tiny-blip2.yaml"
+        yaml_file.write_text(yaml_file.read_text() + "output_scale: 0.5\n")
+        main(argv(tiny_dirs, data, tmp_path / "records", *grid))
+        assert len(list((tmp_path / "records" / names[0] / "tiny-blip2" / "EVQA").iterdir())) == 2
+        cell = json.loads((res["out"] / "cells" / f"{names[0]}-s0.json").read_text())
+        run = json.loads((Path(cell["run_dir"]) / "run.json").read_text())
+        assert run["identity"]["editor_config"]["output_scale"] == 0.5
+        assert list(Path(cell["run_dir"]).parent.glob("*.superseded-*"))
     finally:
         dummy_editor.unregister()
 

@@ -3,6 +3,7 @@ by ``utils.config.load_config`` (keys and value types checked there). Backbone f
 number of vision tokens, number of layers) come from the backbone object, never from here."""
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from utils.errors import UserError
 
@@ -46,6 +47,9 @@ class LiveEditLossWeights:
 
 @dataclass
 class LiveEditConfig:
+    # keys read only at inference: a checkpoint trained with other values is the same training
+    # (scripts/compare.py reuses it and evaluates with the shipped values)
+    inference_only: ClassVar[tuple[str, ...]] = ("max_kept", "filter_margin", "filter_index_rank", "filter_index_min")
     edit_layer: int      # l_e: the editor acts on the output of this decoder layer (0-based)
     d_m: int             # module width of the extractors and generators
     heads: int           # attention heads of every cross-attention

@@ -1,6 +1,7 @@
 """SERAC's config: one YAML per backbone under ``configs/serac/<backbone>.yaml``, loaded strictly by
 ``utils.config.load_config`` (BASELINES.md section 3)."""
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from editors.mend.config import TrainSection, check_bool, check_weights
 from utils.errors import UserError
@@ -55,6 +56,8 @@ class SeracLossWeights:
 
 @dataclass
 class SeracConfig:
+    # keys read only at inference (see editors/liveedit/config.py)
+    inference_only: ClassVar[tuple[str, ...]] = ("inference_threshold",)
     classifier: SeracModel
     counterfactual: SeracModel
     threshold: float        # a query uses the counterfactual model iff its top-1 score >= threshold
