@@ -278,6 +278,12 @@ def test_repository_routing_rule():
     assert repo.route(phi, psi, sentinel, margin=0.75)[1][0].tolist() == [False, False, True]
     assert repo.route(phi, psi, sentinel, margin=-0.25)[1][0].tolist() == [True, True, True]
     assert not repo.route(phi, psi, sentinel, margin=1.0)[1].any()
+    # max_kept ranked by the textual similarity (the routing weight) instead: the one of experts 0
+    # and 2 with the higher t
+    best = 0 if t[0] > t[2] else 2
+    weights, kept = repo.route(phi, psi, sentinel, max_kept=1, max_kept_by="text")
+    assert kept[0].nonzero().flatten().tolist() == [best] and not kept[1].any()
+    torch.testing.assert_close(weights[0, best], torch.sigmoid(t[best]))
 
 
 def plain_route_of(repo, phi, psi, sentinel):

@@ -49,7 +49,8 @@ class LiveEditLossWeights:
 class LiveEditConfig:
     # keys read only at inference: a checkpoint trained with other values is the same training
     # (scripts/compare.py reuses it and evaluates with the shipped values)
-    inference_only: ClassVar[tuple[str, ...]] = ("max_kept", "filter_margin", "filter_index_rank", "filter_index_min")
+    inference_only: ClassVar[tuple[str, ...]] = ("max_kept", "max_kept_by", "filter_margin", "filter_index_rank",
+                                                 "filter_index_min")
     edit_layer: int      # l_e: the editor acts on the output of this decoder layer (0-based)
     d_m: int             # module width of the extractors and generators
     heads: int           # attention heads of every cross-attention
@@ -82,6 +83,10 @@ class LiveEditConfig:
     negative_pool_rows: str = "locality"   # which samples are contrasted with the pool: "locality" (the
                                            # unrelated images, which must reject every edit) or "all" (rel
                                            # and gen samples too, against other records' edits)
+    # How max_kept ranks the experts that pass: "visual" (similarity of the image features: session 6's
+    # rule) or "text" (the textual similarity that soft routing weighs them by). Several experts of
+    # one image (an entity asked three questions) are visual ties that only the text tells apart.
+    max_kept_by: str = "visual"
     # Inference only, not in the paper (0: off): hard filtering keeps an expert only if its visual
     # similarity beats the sentinel's by this margin, sim(phi, phi_hat_i) > sim(phi, phi_S) + margin.
     filter_margin: float = 0.0
@@ -97,7 +102,7 @@ class LiveEditConfig:
     def __post_init__(self):
         for name, allowed in (("routing_pairs", ("neighbourhood", "edit_requests")),
                               ("expert_sets", ("prefix", "random")), ("sentinel_init", ("kaiming", "normal")),
-                              ("negative_pool_rows", ("locality", "all"))):
+                              ("negative_pool_rows", ("locality", "all")), ("max_kept_by", ("visual", "text"))):
             if getattr(self, name) not in allowed:
                 raise UserError(f"liveedit.{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("attention_out_proj", "zero_init_v"):

@@ -168,7 +168,7 @@ class LiveEdit(BaseEditor):
         sub = select_rows(batch, rows)
         feats = self._input_side(hidden[rows], sub)
         return rows, self.repository.route_kept(feats.phi, feats.psi, feats.phi_sentinel, self.config.max_kept,
-                                                self.config.filter_margin)
+                                                self.config.filter_margin, self.config.max_kept_by)
 
     def _routing(self, hidden: torch.Tensor, batch: VLBatch):
         """(rows, cols, weights, kept) of the samples that keep at least one expert; None if none does."""

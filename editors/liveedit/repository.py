@@ -70,25 +70,26 @@ class ExpertRepository:
 
     # ---- routing ----------------------------------------------------------------------------
     def route(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None,
-              margin: float = 0.0):
+              margin: float = 0.0, max_kept_by: str = "visual"):
         """Input-side features of B queries [B, k, d_m] -> (weights [B, N], kept [B, N] bool).
 
         Hard filtering keeps expert i iff ``sim(phi, phi_hat_i) > sim(phi, phi_S) + margin`` (the
         paper: margin 0); soft routing over
         the kept ones gives ``w_i = softmax(t)_i * sigmoid(t_i)`` with ``t_i = sim(psi, psi_hat_i)``.
         Weights are exactly 0 outside the kept set. ``max_kept``: of the experts that pass, only the
-        ``max_kept`` most visually similar are kept (not in the paper; None: all). With an ``index``
+        ``max_kept`` most visually similar (``max_kept_by="visual"``) or with the highest textual
+        similarity, i.e. routing weight (``"text"``), are kept (not in the paper; None: all). With an ``index``
         (a ``LowRankBound``) and enough experts, only the experts its bound cannot rule out are
         scored: the same kept set, without a scan of the whole pool. ``route_kept`` gives the same
         on the kept experts' columns only (what inference uses: no [B, N] tensor)."""
-        cols, w, k = self.route_kept(phi, psi, phi_sentinel, max_kept, margin)
+        cols, w, k = self.route_kept(phi, psi, phi_sentinel, max_kept, margin, max_kept_by)
         weights = torch.zeros((phi.shape[0], len(self)), device=phi.device, dtype=self.dtype)
         kept = torch.zeros((phi.shape[0], len(self)), device=phi.device, dtype=torch.bool)
         weights[:, cols], kept[:, cols] = w, k
         return weights, kept
 
     def route_kept(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None,
-                   margin: float = 0.0):
+                   margin: float = 0.0, max_kept_by: str = "visual"):
         """``route`` on the experts that some query kept: (cols [M] expert indices, weights [B, M],
         kept [B, M])."""
         dt = self.dtype
@@ -100,7 +101,14 @@ class ExpertRepository:
         visual = similarity(phi, experts)
         kept = visual > threshold[:, None]
         if max_kept is not None and kept.shape[1] > max_kept and bool((kept.sum(1) > max_kept).any()):
-            top = visual.masked_fill(~kept, float("-inf")).topk(max_kept, dim=1).indices
+            if max_kept_by == "visual":
+                score = visual
+            else:   # the textual similarity, by which soft routing weighs the passing experts
+                passing = kept.any(0).nonzero().flatten()
+                rows = passing if scored is None else scored[passing]
+                score = torch.full_like(visual, float("-inf"))
+                score[:, passing] = similarity(psi, self.tensor("psi")[rows])
+            top = score.masked_fill(~kept, float("-inf")).topk(max_kept, dim=1).indices
             kept &= torch.zeros_like(kept).scatter_(1, top, True)
         local = kept.any(0).nonzero().flatten()
         cols = local if scored is None else scored[local]
