@@ -143,7 +143,7 @@ def _extend_by_candidates(editor, part, known: dict, wanted, preds, targets, gen
         got = target_predictions(editor.logits(cont), cont.labels)
         for i, cand, g in zip(order, cands, got):
             prefix = exact_prefix(g.tolist(), cand, eos)
-            if prefix == cand or finished(prefix, len(targets[i]), eos):
+            if finished(prefix, len(targets[i]), eos):   # the whole candidate, or up to EOS
                 gens[i] = prefix
                 del known[i]
             else:

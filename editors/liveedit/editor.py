@@ -152,11 +152,8 @@ class LiveEdit(BaseEditor):
     def route(self, hidden: torch.Tensor, batch: VLBatch):
         """Routing of every sample with an image against the repository, from the layer-l_e output:
         (rows [b] of the batch that have an image, weights [b, N], kept [b, N])."""
-        rows, (cols, w, k) = self._route_kept(hidden, batch)
-        weights = torch.zeros((len(rows), len(self.repository)), device=w.device, dtype=w.dtype)
-        kept = torch.zeros((len(rows), len(self.repository)), device=k.device, dtype=torch.bool)
-        weights[:, cols], kept[:, cols] = w, k
-        return rows, weights, kept
+        rows, routing = self._route_kept(hidden, batch)
+        return (rows, *self.repository.dense(*routing))
 
     def _route_kept(self, hidden: torch.Tensor, batch: VLBatch):
         """(rows [b] with an image, (cols [M], weights [b, M], kept [b, M])): ``route`` on the kept

@@ -82,11 +82,14 @@ class ExpertRepository:
         (a ``LowRankBound``) and enough experts, only the experts its bound cannot rule out are
         scored: the same kept set, without a scan of the whole pool. ``route_kept`` gives the same
         on the kept experts' columns only (what inference uses: no [B, N] tensor)."""
-        cols, w, k = self.route_kept(phi, psi, phi_sentinel, max_kept, margin, max_kept_by)
-        weights = torch.zeros((phi.shape[0], len(self)), device=phi.device, dtype=self.dtype)
-        kept = torch.zeros((phi.shape[0], len(self)), device=phi.device, dtype=torch.bool)
-        weights[:, cols], kept[:, cols] = w, k
-        return weights, kept
+        return self.dense(*self.route_kept(phi, psi, phi_sentinel, max_kept, margin, max_kept_by))
+
+    def dense(self, cols: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor):
+        """``route_kept``'s columns spread over every expert: (weights [B, N], kept [B, N])."""
+        full_w = torch.zeros((weights.shape[0], len(self)), device=weights.device, dtype=weights.dtype)
+        full_k = torch.zeros((kept.shape[0], len(self)), device=kept.device, dtype=torch.bool)
+        full_w[:, cols], full_k[:, cols] = weights, kept
+        return full_w, full_k
 
     def route_kept(self, phi: torch.Tensor, psi: torch.Tensor, phi_sentinel: torch.Tensor, max_kept: int | None = None,
                    margin: float = 0.0, max_kept_by: str = "visual"):
@@ -100,29 +103,25 @@ class ExpertRepository:
         experts = self.tensor("phi") if scored is None else self.tensor("phi")[scored]
         visual = similarity(phi, experts)
         kept = visual > threshold[:, None]
-        if max_kept is not None and kept.shape[1] > max_kept and bool((kept.sum(1) > max_kept).any()):
-            if max_kept_by == "visual":
-                score = visual
-            else:   # the textual similarity, by which soft routing weighs the passing experts
-                passing = kept.any(0).nonzero().flatten()
-                rows = passing if scored is None else scored[passing]
-                score = torch.full_like(visual, float("-inf"))
-                score[:, passing] = similarity(psi, self.tensor("psi")[rows])
-            top = score.masked_fill(~kept, float("-inf")).topk(max_kept, dim=1).indices
-            kept &= torch.zeros_like(kept).scatter_(1, top, True)
-        local = kept.any(0).nonzero().flatten()
+        local = kept.any(0).nonzero().flatten()          # the experts some query lets through
         cols = local if scored is None else scored[local]
-        k = kept[:, local]
+        kept, visual = kept[:, local], visual[:, local]
         if cols.numel() == 0:
-            return cols, torch.zeros(k.shape, device=phi.device, dtype=dt), k
-        # textual similarities only for experts that some row kept: gather those rows when they are
-        # few (the usual case), else one pass over the whole pool
+            return cols, torch.zeros(kept.shape, device=phi.device, dtype=dt), kept
+        # textual similarities only for those experts: gather their rows when they are few (the usual
+        # case), else one pass over the whole pool
         if 2 * cols.numel() > n:
             t = similarity(psi, self.tensor("psi"))[:, cols]
         else:
             t = similarity(psi, self.tensor("psi")[cols])
-        soft = torch.softmax(t.masked_fill(~k, float("-inf")), dim=1)   # NaN on rows with none kept
-        return cols, torch.where(k, soft * torch.sigmoid(t), torch.zeros_like(t)), k
+        if max_kept is not None and kept.shape[1] > max_kept and bool((kept.sum(1) > max_kept).any()):
+            score = visual if max_kept_by == "visual" else t   # text: the similarity soft routing weighs by
+            top = score.masked_fill(~kept, float("-inf")).topk(max_kept, dim=1).indices
+            kept &= torch.zeros_like(kept).scatter_(1, top, True)
+            still = kept.any(0)
+            cols, kept, t = cols[still], kept[:, still], t[:, still]
+        soft = torch.softmax(t.masked_fill(~kept, float("-inf")), dim=1)   # NaN on rows with none kept
+        return cols, torch.where(kept, soft * torch.sigmoid(t), torch.zeros_like(t)), kept
 
     def _candidates(self, phi: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor | None:
         """Indices of the experts that may pass hard filtering for some query (the index's bound), or
