@@ -26,40 +26,44 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError, cli_main
+from utils.io import write_text
 
 KINDS = (("Rel", "edit"), ("M-Gen", "image_rephrase"), ("M-Loc", "image_loc"))
 
 
 @torch.no_grad()
 def routing_of(editor, samples, batch_size=16):
-    """(kept [n, N] bool, weights [n, N]) of every sample against the current repository."""
-    bb, kept, weights = editor.backbone, [], []
+    """Per sample, (indices [m] of the experts it keeps, their weights [m]) against the current
+    repository. Sparse, so that 10,000 queries against 10,000 experts stay small."""
+    bb, out = editor.backbone, []
     for i in range(0, len(samples), batch_size):
         batch = bb.encode(samples[i:i + batch_size], with_targets=False)
-        rows, w, k = editor.route(bb.hidden_at(batch, editor.layer), batch)
+        rows, (cols, w, k) = editor.route_kept(bb.hidden_at(batch, editor.layer), batch)
         assert len(rows) == batch.has_image.sum()
-        kept.append(k.cpu())
-        weights.append(w.cpu())
-    return torch.cat(kept), torch.cat(weights)
+        out += [(cols[k[j]].cpu(), w[j, k[j]].cpu()) for j in range(len(rows))]
+    return out
 
 
 def point_stats(editor, records, attributes_of=None) -> dict:
     """Routing figures of every kind of query against the current repository; with
     ``attributes_of`` (synthetic datasets) also the M-Loc leaks' ``near_misses``."""
-    n = len(records)
-    out = {"n_edits": n}
-    own = torch.arange(n)
+    out = {"n_edits": len(records)}
     for name, kind in KINDS:
-        kept, w = routing_of(editor, [getattr(r, kind) for r in records])
-        row = {"kept_mean": float(kept.float().sum(1).mean()), "any_kept": float(kept.any(1).float().mean())}
+        routed = routing_of(editor, [getattr(r, kind) for r in records])
+        counts = torch.tensor([len(c) for c, _ in routed], dtype=torch.float64)
+        row = {"kept_mean": float(counts.mean()), "any_kept": float((counts > 0).double().mean())}
         if name != "M-Loc":
-            own_kept = kept[own, own]
-            share = w[own, own] / w.sum(1).clamp(min=1e-12)
-            row.update(own_kept=float(own_kept.float().mean()),
-                       own_weight_share=float(share[own_kept].mean()) if own_kept.any() else 0.0,
-                       own_top=float((w.argmax(1) == own)[own_kept].float().mean()) if own_kept.any() else 0.0)
+            shares, tops = [], []
+            for own, (cols, w) in enumerate(routed):   # record i's edit is expert i
+                hit = (cols == own).nonzero().flatten()
+                if hit.numel():
+                    shares.append(float(w[hit[0]] / w.sum().clamp(min=1e-12)))
+                    tops.append(float(w.argmax() == hit[0]))
+            row.update(own_kept=len(shares) / len(routed),
+                       own_weight_share=sum(shares) / len(shares) if shares else 0.0,
+                       own_top=sum(tops) / len(tops) if tops else 0.0)
         elif attributes_of is not None:
-            row["near_misses"] = near_misses(records, kept, attributes_of)
+            row["near_misses"] = near_misses(records, [cols for cols, _ in routed], attributes_of)
         out[name] = row
     return out
 
@@ -67,14 +71,15 @@ def point_stats(editor, records, attributes_of=None) -> dict:
 ATTRIBUTES = ("color", "background", "frame")
 
 
-def near_misses(records, kept, attributes_of) -> dict:
-    """For the M-Loc queries' leaked experts ([n, N] ``kept``): the share of (query, leaked expert)
+def near_misses(records, leaked_experts, attributes_of) -> dict:
+    """For the M-Loc queries' leaked experts (``leaked_experts[i]``: the indices of the experts that
+    record i's unrelated image keeps): the share of (query, leaked expert)
     pairs by how many ``ATTRIBUTES`` the two images share, beside the share among random pairs.
     ``attributes_of(image_path)`` gives an image's attribute tuple."""
     leaked = collections.Counter()
     for i, r in enumerate(records):
         query = attributes_of(r.image_loc.image)
-        for k in kept[i].nonzero().flatten().tolist():
+        for k in leaked_experts[i].tolist():
             leaked[sum(a == b for a, b in zip(query, attributes_of(records[k].edit.image)))] += 1
     rng, chance = random.Random(0), collections.Counter()
     for _ in range(20000):
@@ -114,9 +119,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-mn", "--edit_model_name", default="tiny-blip2")
     p.add_argument("-dn", "--data_name", default="SYNTH-EVQA")
-    p.add_argument("--split", default="val", choices=("val", "eval"))
+    p.add_argument("--split", default="val", choices=("val", "eval", "eval_large"),
+                   help="records to edit and query (eval_large: SYNTH-EVQA's 10,000 records)")
     p.add_argument("-ckpt", "--checkpoint", required=True)
     p.add_argument("--points", default="10,100,1000")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the checkpoint's saved config, e.g. max_kept=1 (test_vllm_edit.py --set)")
+    p.add_argument("--edit_batch", type=int, default=100, help="edits appended per call (100)")
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--data_dir")
     p.add_argument("--model_path")
@@ -124,7 +133,7 @@ def main(argv=None):
     from backbones import load_backbone, resolve_backbone_name
     from editors.liveedit import LiveEdit
     from evaluation.checkpoints import check_checkpoint, load_checkpoint, saved_editor_config
-    from utils.config import from_dict
+    from utils.config import from_dict, with_overrides
     from vl_datasets import load_dataset
 
     try:
@@ -137,13 +146,18 @@ def main(argv=None):
     model_path = prepare_backbone(backbone, a.model_path)
     weights = check_checkpoint(a.checkpoint, "liveedit", backbone)
     saved, source = saved_editor_config(weights)
+    if a.edit_batch < 1:
+        raise UserError(f"--edit_batch must be a positive integer, got {a.edit_batch}")
     if saved is None:
         raise UserError(f"checkpoint {weights} has no saved editor config")
     records = load_dataset(a.data_name, a.split, a.data_dir, limit=points[-1])
     if len(records) < points[-1]:
         raise UserError(f"--points {points[-1]} exceeds the {len(records)} records of {a.data_name} {a.split}")
-    editor = LiveEdit(load_backbone(backbone, "cpu", model_path if a.model_path else None),
-                      from_dict(LiveEdit.config_class, saved, f"{source}: editor_config"))
+    config = from_dict(LiveEdit.config_class, saved, f"{source}: editor_config")
+    if a.set:
+        config, changed = with_overrides(LiveEdit.config_class, config, a.set)
+        print("note: --set " + ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in changed), file=sys.stderr)
+    editor = LiveEdit(load_backbone(backbone, "cpu", model_path if a.model_path else None), config)
     load_checkpoint(editor, weights)
     editor.eval()
     from utils.GLOBAL import DATA_DIR
@@ -151,7 +165,8 @@ def main(argv=None):
     attributes_of = synthetic_attributes(world_dir) if a.data_name.startswith("SYNTH") else None
     rows, done = [], 0
     for n in points:
-        editor.edit_batch([r.edit for r in records[done:n]])
+        for i in range(done, n, a.edit_batch):
+            editor.edit_batch([r.edit for r in records[i:min(n, i + a.edit_batch)]])
         done = n
         rows.append(point_stats(editor, records[:n], attributes_of))
         print(f"{n} edits: {json.dumps(rows[-1])}", file=sys.stderr)
@@ -162,7 +177,7 @@ def main(argv=None):
             print(f"{r['n_edits']} edits: {nm['pairs']} leaked (M-Loc image, expert) pairs; share by attributes "
                   f"shared (of {', '.join(ATTRIBUTES)}): {nm['shared']}; random pairs: {nm['random']}")
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+        write_text(Path(a.out), json.dumps(rows, indent=1))
     return rows
 
 

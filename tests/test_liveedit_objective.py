@@ -211,8 +211,7 @@ def test_near_misses_count_shared_attributes_of_leaked_experts():
     attrs = {f"edit{i}.png": ("red", "blue", "green") for i in range(3)}
     attrs.update({f"loc{i}.png": ("pink", "grey", "black") for i in range(3)})
     attrs["loc0.png"] = ("red", "blue", "white")                      # 2 shared with every edit image
-    kept = torch.zeros(3, 3, dtype=torch.bool)
-    kept[0, 1] = kept[0, 2] = kept[1, 0] = True                        # 2 leaks of loc0, 1 of loc1
-    out = near_misses(recs, kept, lambda path: attrs[path])
+    leaked = [torch.tensor([1, 2]), torch.tensor([0]), torch.tensor([], dtype=torch.long)]   # 2 of loc0, 1 of loc1
+    out = near_misses(recs, leaked, lambda path: attrs[path])
     assert out["pairs"] == 3 and out["shared"] == {0: round(1 / 3, 3), 1: 0.0, 2: round(2 / 3, 3), 3: 0.0}
     assert abs(sum(out["random"].values()) - 1.0) < 1e-2 and out["random"][0] > out["random"][2] > 0

@@ -152,10 +152,10 @@ class LiveEdit(BaseEditor):
     def route(self, hidden: torch.Tensor, batch: VLBatch):
         """Routing of every sample with an image against the repository, from the layer-l_e output:
         (rows [b] of the batch that have an image, weights [b, N], kept [b, N])."""
-        rows, routing = self._route_kept(hidden, batch)
+        rows, routing = self.route_kept(hidden, batch)
         return (rows, *self.repository.dense(*routing))
 
-    def _route_kept(self, hidden: torch.Tensor, batch: VLBatch):
+    def route_kept(self, hidden: torch.Tensor, batch: VLBatch):
         """(rows [b] with an image, (cols [M], weights [b, M], kept [b, M])): ``route`` on the kept
         experts' columns only."""
         rows = batch.has_image.nonzero().flatten()
@@ -172,7 +172,7 @@ class LiveEdit(BaseEditor):
         if len(self.repository) == 0 or not bool(batch.has_image.any()):
             return None
         with torch.no_grad():
-            rows, (cols, weights, kept) = self._route_kept(hidden, batch)
+            rows, (cols, weights, kept) = self.route_kept(hidden, batch)
             any_kept = kept.any(1)
             if not bool(any_kept.any()):
                 return None
