@@ -323,11 +323,17 @@ class Comparison:
 
     def _find_run(self, editor: str, seed: int, config: dict, steps: int):
         """This command's latest training run of ``editor`` with ``seed`` and this config that has a
-        checkpoint at ``steps`` or can be continued to it, if any."""
+        checkpoint at ``steps`` or can be continued to it, if any, made on the current backbone build."""
         import yaml
-        from training.checkpoint import CONFIG_FILE, WEIGHTS_FILE, checkpoint_dir, resolve_checkpoint
+        from backbones import backbone_fingerprint
+        from synthetic.embedded import prepare_backbone
+        from training.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, checkpoint_dir, resolve_checkpoint,
+                                         run_backbone_fingerprint)
+        current = backbone_fingerprint(prepare_backbone(self.backbone, self.args.model_path))
         root = self.records_dir / editor / self.backbone / self.dataset
         for run in sorted(root.glob(f"compare-s{seed}-*"), reverse=True):
+            if run_backbone_fingerprint(run) != current:   # trained on another build of the backbone
+                continue
             try:
                 saved = yaml.safe_load((run / CONFIG_FILE).read_text())
             except (OSError, yaml.YAMLError):

@@ -49,6 +49,15 @@ def train_seed(editor: str, backbone: str, data_name: str, seed: int, batch_size
     prefix = f"seeds{seed}-{_training_key(config_path, batch_size, max_steps, data_name, data_n)}"
     root = Path(records_dir or RECORDS_DIR) / editor / backbone / get_dataset_spec(data_name).name
     runs = sorted(root.glob(f"{prefix}-*")) if root.is_dir() else []
+    if runs:   # a run made on another build of the backbone is not this seed's training
+        from backbones import backbone_fingerprint
+        from synthetic.embedded import prepare_backbone
+        from training.checkpoint import run_backbone_fingerprint
+        current = backbone_fingerprint(prepare_backbone(backbone, model_path))
+        for run in [r for r in runs if run_backbone_fingerprint(r) != current]:
+            print(f"seed {seed}: not reusing {run}: made on backbone build {run_backbone_fingerprint(run)}, "
+                  f"the current one is {current}", file=sys.stderr)
+        runs = [r for r in runs if run_backbone_fingerprint(r) == current]
     argv = ["-en", editor, "-mn", backbone, "-dna", data_name, "-bs", str(batch_size), "-rs", str(seed),
             "-tnp", prefix, "--config", str(config_path)]
     for flag, value in (("--max_steps", max_steps), ("-dn", data_n), ("--records_dir", records_dir),
@@ -159,7 +168,8 @@ def run_seeds(args) -> dict:
                                        model_path=args.model_path, device=args.device)
             ckpt = trained[seed]["checkpoint"]
         argv = ["-en", args.editor_name, "-mn", backbone, "-dn", dataset, "--split", args.split,
-                "-enp", f"seed{seed}{set_suffix}", "--seed", str(seed)]
+                "-enp", f"seed{seed}{set_suffix}", "--seed", str(seed),
+                "--supersede"]   # made with another checkpoint (a retrained seed) or config: moved aside, redone
         for item in sets:
             argv += ["--set", item]
         argv += ["--eval_at", args.eval_at] if args.eval_at else ["-sen", str(args.sequential_edit_n)]

@@ -127,6 +127,15 @@ def test_trainable_editors_are_trained_once_per_seed(tiny_dirs, data, tmp_path, 
         run = json.loads((Path(cell["run_dir"]) / "run.json").read_text())
         assert run["identity"]["editor_config"]["output_scale"] == 0.5
         assert list(Path(cell["run_dir"]).parent.glob("*.superseded-*"))
+        # a training run recorded on another build of the backbone is not reused: seed 1 trains anew
+        run_config = runs[1] / "config.yaml"
+        run_config.write_text(yaml.safe_dump({**yaml.safe_load(run_config.read_text()),
+                                              "backbone_fingerprint": "0123456789abcdef"}))
+        main(argv(tiny_dirs, data, tmp_path / "records", *grid))
+        now = sorted((tmp_path / "records" / names[0] / "tiny-blip2" / "EVQA").iterdir())
+        assert len(now) == 3 and [r.name.split("-")[1] for r in now].count("s1") == 2
+        cell = json.loads((res["out"] / "cells" / f"{names[0]}-s1.json").read_text())
+        assert not cell["checkpoint"].startswith(str(runs[1]))
     finally:
         dummy_editor.unregister()
 

@@ -57,6 +57,18 @@ def test_seeds_train_evaluate_aggregate_and_reuse(tiny_dirs, tmp_path):
         saved = yaml.safe_load(next((tmp_path / "rec" / "dummy-residual" / "tiny-blip2" / "eval").glob(
             "EVQA-seed0-set*/eval_at_1_2/config.yaml")).read_text())
         assert saved["editor_config"]["dropout"] == 0.5
+        # a training run recorded on another build of the backbone is not reused: seed 0 trains anew
+        run_config = runs[0] / "config.yaml"
+        recorded = yaml.safe_load(run_config.read_text())
+        run_config.write_text(yaml.safe_dump({**recorded, "backbone_fingerprint": "0123456789abcdef"}))
+        rebuilt = seeds_script.main(argv)
+        now = sorted((tmp_path / "rec" / "dummy-residual" / "tiny-blip2" / "EVQA").glob("seeds*"))
+        assert len(now) == 3 and [r.name.split("-")[0] for r in now].count("seeds0") == 2
+        assert Path(rebuilt["training"]["0"]["checkpoint"]).parent.parent not in runs
+        assert Path(rebuilt["training"]["1"]["checkpoint"]).parent.parent == runs[1]
+        evals = tmp_path / "rec" / "dummy-residual" / "tiny-blip2" / "eval"
+        assert len(list((evals / "EVQA-seed0").glob("eval_at_1_2.superseded-*"))) == 1   # kept, moved aside
+        assert not list((evals / "EVQA-seed1").glob("eval_at_1_2.superseded-*"))
     finally:
         dummy_editor.unregister()
 

@@ -31,6 +31,17 @@ CONFIG_FILE = "config.yaml"
 FORMAT = "liveedit-suite-ckpt/1"
 
 
+def run_backbone_fingerprint(run_dir) -> str | None:
+    """The backbone fingerprint a training run recorded in its config.yaml (None if it has none)."""
+    import yaml
+    try:
+        saved = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    value = saved.get("backbone_fingerprint") if isinstance(saved, dict) else None
+    return None if value in (None, "None") else str(value)
+
+
 def checkpoint_dir(run_dir, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step}"
 
