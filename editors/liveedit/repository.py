@@ -65,6 +65,13 @@ class ExpertRepository:
         """View of the filled part of one store: 'phi', 'psi', 'U' or 'V'."""
         return self.rows.view(name)
 
+    def select(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of one store: the same values as ``tensor(name)[idx]``, copied row by row with
+        ``index_select`` on a flat view (about 3x faster on CPU than advanced indexing of a 3-d tensor,
+        which a large repository's routing does for thousands of candidates per batch)."""
+        t = self.tensor(name)
+        return torch.index_select(t.reshape(len(t), -1), 0, idx).view(len(idx), *t.shape[1:])
+
     def bytes_per_expert(self) -> int:
         return self.rows.row_bytes()
 
@@ -100,7 +107,7 @@ class ExpertRepository:
         n = len(self)
         threshold = paired_similarity(phi, phi_sentinel) + margin
         scored = self._candidates(phi, threshold)          # indices of the experts scored; None: all
-        experts = self.tensor("phi") if scored is None else self.tensor("phi")[scored]
+        experts = self.tensor("phi") if scored is None else self.select("phi", scored)
         visual = similarity(phi, experts)
         kept = visual > threshold[:, None]
         local = kept.any(0).nonzero().flatten()          # the experts some query lets through
@@ -113,7 +120,7 @@ class ExpertRepository:
         if 2 * cols.numel() > n:
             t = similarity(psi, self.tensor("psi"))[:, cols]
         else:
-            t = similarity(psi, self.tensor("psi")[cols])
+            t = similarity(psi, self.select("psi", cols))
         if max_kept is not None and kept.shape[1] > max_kept and bool((kept.sum(1) > max_kept).any()):
             score = visual if max_kept_by == "visual" else t   # text: the similarity soft routing weighs by
             top = score.masked_fill(~kept, float("-inf")).topk(max_kept, dim=1).indices
@@ -137,7 +144,7 @@ class ExpertRepository:
     def residual(self, x: torch.Tensor, weights: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``sum_i w_i V_i^T relu(U_i x)`` over the experts ``cols`` (``route_kept``'s): x [B, L, d],
         weights [B, M] -> [B, L, d]."""
-        return expert_mixture(x.to(self.dtype), weights, self.tensor("U")[cols], self.tensor("V")[cols])
+        return expert_mixture(x.to(self.dtype), weights, self.select("U", cols), self.select("V", cols))
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory, fingerprint: dict) -> None:
