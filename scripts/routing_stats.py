@@ -75,28 +75,36 @@ def near_misses(records, leaked_experts, attributes_of) -> dict:
     """For the M-Loc queries' leaked experts (``leaked_experts[i]``: the indices of the experts that
     record i's unrelated image keeps): the share of (query, leaked expert)
     pairs by how many ``ATTRIBUTES`` the two images share, beside the share among random pairs.
-    ``attributes_of(image_path)`` gives an image's attribute tuple."""
+    ``attributes_of(image_path)`` gives an image's attribute tuple, or None for a picture of no entity
+    (such pairs are left out)."""
+    def shared(path_a, path_b):
+        a, b = attributes_of(path_a), attributes_of(path_b)
+        return None if a is None or b is None else sum(x == y for x, y in zip(a, b))
+
     leaked = collections.Counter()
     for i, r in enumerate(records):
-        query = attributes_of(r.image_loc.image)
         for k in leaked_experts[i].tolist():
-            leaked[sum(a == b for a, b in zip(query, attributes_of(records[k].edit.image)))] += 1
+            n = shared(r.image_loc.image, records[k].edit.image)
+            if n is not None:   # pictures of no entity (e.g. VLKEB's) are left out
+                leaked[n] += 1
     rng, chance = random.Random(0), collections.Counter()
     for _ in range(20000):
-        a, b = rng.choice(records), rng.choice(records)
-        chance[sum(x == y for x, y in zip(attributes_of(a.image_loc.image), attributes_of(b.edit.image)))] += 1
+        n = shared(rng.choice(records).image_loc.image, rng.choice(records).edit.image)
+        if n is not None:
+            chance[n] += 1
     total = max(1, sum(leaked.values()))
     return {"pairs": sum(leaked.values()),
             "shared": {n: round(leaked[n] / total, 3) for n in range(len(ATTRIBUTES) + 1)},
-            "random": {n: round(chance[n] / 20000, 3) for n in range(len(ATTRIBUTES) + 1)}}
+            "random": {n: round(chance[n] / max(1, sum(chance.values())), 3) for n in range(len(ATTRIBUTES) + 1)}}
 
 
 def synthetic_attributes(world_dir: Path):
     """image path -> (colour, background, frame) of its entity (file names start with the entity id)."""
     entities = {e["id"]: tuple(e[a] for a in ATTRIBUTES) for e in json.loads((world_dir / "entities.json").read_text())}
 
-    def attributes_of(path) -> tuple:
-        return entities[re.search(r"(e\d+)_", Path(str(path)).name).group(1)]
+    def attributes_of(path) -> tuple | None:
+        found = re.search(r"(e\d+)_", Path(str(path)).name)
+        return entities.get(found.group(1)) if found else None   # None: not an entity's picture
     return attributes_of
 
 

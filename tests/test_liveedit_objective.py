@@ -215,3 +215,6 @@ def test_near_misses_count_shared_attributes_of_leaked_experts():
     out = near_misses(recs, leaked, lambda path: attrs[path])
     assert out["pairs"] == 3 and out["shared"] == {0: round(1 / 3, 3), 1: 0.0, 2: round(2 / 3, 3), 3: 0.0}
     assert abs(sum(out["random"].values()) - 1.0) < 1e-2 and out["random"][0] > out["random"][2] > 0
+    # a picture of no entity (VLKEB's unrelated images) has no attributes: its pairs are left out
+    out = near_misses(recs, leaked, lambda path: None if path == "loc1.png" else attrs[path])
+    assert out["pairs"] == 2 and out["shared"][2] == 1.0
