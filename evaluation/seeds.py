@@ -54,10 +54,12 @@ def train_seed(editor: str, backbone: str, data_name: str, seed: int, batch_size
         from synthetic.embedded import prepare_backbone
         from training.checkpoint import run_backbone_fingerprint
         current = backbone_fingerprint(prepare_backbone(backbone, model_path))
-        for run in [r for r in runs if run_backbone_fingerprint(r) != current]:
-            print(f"seed {seed}: not reusing {run}: made on backbone build {run_backbone_fingerprint(run)}, "
-                  f"the current one is {current}", file=sys.stderr)
-        runs = [r for r in runs if run_backbone_fingerprint(r) == current]
+        recorded = {run: run_backbone_fingerprint(run) for run in runs}
+        for run, build in recorded.items():
+            if build != current:
+                print(f"seed {seed}: not reusing {run}: made on backbone build {build}, "
+                      f"the current one is {current}", file=sys.stderr)
+        runs = [run for run in runs if recorded[run] == current]
     argv = ["-en", editor, "-mn", backbone, "-dna", data_name, "-bs", str(batch_size), "-rs", str(seed),
             "-tnp", prefix, "--config", str(config_path)]
     for flag, value in (("--max_steps", max_steps), ("-dn", data_n), ("--records_dir", records_dir),
